@@ -1,0 +1,201 @@
+"""Running sums for one pipeline call (one or more images), turned into records at the end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from ..methods.resize import check_upsample_mode, resize, unflatten_positions
+from ..record import LayerMeta, Record, RecordMeta
+from .layers import AttentionLayer, layer_resolution
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a trace records. Everything is summed at native resolution in float32."""
+
+    daam: bool = True  # softmax maps summed over steps and heads
+    per_head: bool = False  # ... kept per head (needed by mode="daam-0.2")
+    per_step: bool = False  # ... kept per step (layer x timestep analysis)
+    queries: bool = False  # query cache for open-vocabulary maps
+    query_layers: tuple[str, ...] | None = None  # None: every traced cross-attention layer
+    query_steps: tuple[int, ...] | None = None  # None: every step
+    query_dtype: torch.dtype = torch.float16
+    query_device: str = "cpu"
+    linear: bool = False  # the collapsed linear-DAAM matrix
+    self_attention: bool = False  # last-step per-head self-attention output in the up blocks
+    upsample: str = "bilinear"  # interpolation used to collapse the linear matrix
+    branch: str = "cond"  # which half of classifier-free guidance to trace
+
+    def __post_init__(self) -> None:
+        check_upsample_mode(self.upsample)
+        if self.branch not in ("cond", "uncond"):
+            raise ValueError(f"branch must be 'cond' or 'uncond', not {self.branch!r}")
+        if not (self.daam or self.queries or self.linear or self.self_attention):
+            raise ValueError("nothing to record: enable daam, queries, linear or self_attention")
+
+    def wants_queries(self, layer: str, step: int) -> bool:
+        return (
+            self.queries
+            and (self.query_layers is None or layer in self.query_layers)
+            and (self.query_steps is None or step in self.query_steps)
+        )
+
+
+@dataclass
+class ContextKeys:
+    """A phrase attached as non-influencing keys: its embeddings and key token names."""
+
+    embeddings: torch.Tensor  # [m, d_text]
+    token_strings: list[str]
+
+
+@dataclass
+class GenerationState:
+    """Sums for the ``num_images`` images of one pipeline call, batched along dim 0."""
+
+    options: CaptureOptions
+    num_images: int
+    latent_size: tuple[int, int]
+    token_ids: list[list[int]] | None  # per image
+    token_strings: list[list[str]] | None
+    text_embeddings: torch.Tensor  # [num_images, n, d_text]
+    timesteps: list[float] = field(default_factory=list)
+    layers: dict[str, LayerMeta] = field(default_factory=dict)
+    daam: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, n]
+    daam_heads: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, n]
+    daam_steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # steps x [N, hw, n]
+    query_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, inner]
+    queries: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # [N, hw, inner]
+    contexts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # [N, hw, m]
+    self_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, d]
+
+    @property
+    def step(self) -> int:
+        return len(self.timesteps) - 1
+
+    def register_layer(self, layer: AttentionLayer, num_positions: int, scale: float) -> None:
+        if layer.name not in self.layers:
+            self.layers[layer.name] = LayerMeta(
+                name=layer.name,
+                kind=layer.kind,
+                heads=layer.heads,
+                head_dim=layer.head_dim,
+                resolution=layer_resolution(num_positions, self.latent_size),
+                scale=float(scale),
+            )
+
+    # -- accumulation (called by the trace for the traced rows) -------------------------------
+    def add_cross_attention(
+        self,
+        layer: AttentionLayer,
+        queries: torch.Tensor,  # [N, heads, hw, head_dim]
+        keys: torch.Tensor,  # [N, heads, n, head_dim]
+        flat_queries: torch.Tensor,  # [N, hw, inner]
+        scale: float,
+        context_keys: dict[str, torch.Tensor],  # phrase -> [heads, m, head_dim]
+    ) -> None:
+        options, name = self.options, layer.name
+        queries32 = queries.float()
+        if options.daam:
+            probs = torch.softmax(queries32 @ keys.float().transpose(-1, -2) * scale, dim=-1)  # [N, heads, hw, n]
+            head_sum = probs.sum(dim=1)  # [N, hw, n]
+            _add(self.daam, name, head_sum)
+            if options.per_head:
+                _add(self.daam_heads, name, probs)
+            if options.per_step:
+                self.daam_steps.setdefault(name, []).append(head_sum)
+        if options.linear:
+            _add(self.query_sums, name, flat_queries.float())
+        if options.wants_queries(name, self.step):
+            self.queries[(name, self.step)] = flat_queries.to(options.query_device, options.query_dtype)
+        for phrase, phrase_keys in context_keys.items():
+            logits = queries32 @ phrase_keys.float().transpose(-1, -2).unsqueeze(0) * scale
+            maps = self.contexts.setdefault(phrase, {})
+            _add(maps, name, torch.softmax(logits, dim=-1).sum(dim=1))  # [N, hw, m]
+
+    def set_self_attention(self, layer: AttentionLayer, head_outputs: torch.Tensor) -> None:
+        self.self_attention[layer.name] = head_outputs.float()  # [N, heads, hw, head_dim]
+
+    # -- records ------------------------------------------------------------------------------
+    def to_records(
+        self,
+        key_projections: dict[str, torch.nn.Linear],
+        contexts: dict[str, ContextKeys],
+        provenance: dict,
+    ) -> list[Record]:
+        """Split the batched sums into one :class:`Record` per image (tensors on the CPU)."""
+        linear_matrix, linear_bias = self._collapse_linear(key_projections)
+        records = []
+        for index in range(self.num_images):
+            meta = RecordMeta(
+                token_ids=self.token_ids[index] if self.token_ids else None,
+                token_strings=self.token_strings[index] if self.token_strings else None,
+                latent_size=tuple(self.latent_size),
+                image_size=provenance.get("image_size"),
+                layers=list(self.layers.values()),
+                timesteps=list(self.timesteps),
+                branch=self.options.branch,
+                linear_upsample=self.options.upsample,
+                model_id=provenance.get("model_id"),
+                scheduler=provenance.get("scheduler"),
+                image_index=index,
+                query_steps=sorted({step for _, step in self.queries}),
+                contexts={phrase: keys.token_strings for phrase, keys in contexts.items()},
+            )
+            records.append(
+                Record(
+                    meta=meta,
+                    daam={k: _cpu(v[index]) for k, v in self.daam.items()},
+                    daam_heads={k: _cpu(v[index]) for k, v in self.daam_heads.items()},
+                    daam_steps={k: _cpu(torch.stack([s[index] for s in v])) for k, v in self.daam_steps.items()},
+                    queries={k: v[index].cpu().clone() for k, v in self.queries.items()},
+                    linear_matrix=None if linear_matrix is None else _cpu(linear_matrix[index]),
+                    linear_bias=None if linear_bias is None else _cpu(linear_bias[index]),
+                    text_embeddings=_cpu(self.text_embeddings[index]),
+                    contexts={p: {k: _cpu(v[index]) for k, v in maps.items()} for p, maps in self.contexts.items()},
+                    self_attention={k: _cpu(v[index]) for k, v in self.self_attention.items()},
+                )
+            )
+        return records
+
+    def _collapse_linear(
+        self, key_projections: dict[str, torch.nn.Linear]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """M = sum_l up((sum_t Q_t,l) W_k^l)  [N, H*W, d_text], and the same for the key bias."""
+        if not self.query_sums:
+            return None, None
+        matrix = bias = None
+        for name, query_sum in self.query_sums.items():
+            projection = key_projections[name]
+            resolution = self.layers[name].resolution
+            weight = projection.weight.detach().float()  # [inner, d_text]
+            layer_matrix = unflatten_positions(query_sum @ weight, resolution)  # [N, d_text, h_l, w_l]
+            up = resize(layer_matrix, self.latent_size, self.options.upsample).flatten(-2).transpose(-1, -2)
+            matrix = up if matrix is None else matrix + up  # [N, H*W, d_text]
+            if projection.bias is not None:
+                layer_bias = unflatten_positions((query_sum @ projection.bias.detach().float())[..., None], resolution)
+                up_bias = resize(layer_bias, self.latent_size, self.options.upsample).flatten(-3)  # [N, H*W]
+                bias = up_bias if bias is None else bias + up_bias
+        return matrix, bias
+
+
+def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    if name in store:
+        store[name] += value
+    else:
+        store[name] = value.clone()
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float32).contiguous()
+
+
+def split_per_image(values: Sequence, num_images: int) -> list:
+    """Spread per-prompt values over the images (diffusers repeats each prompt consecutively)."""
+    if num_images % len(values):
+        raise ValueError(f"{num_images} images cannot come from {len(values)} prompts")
+    per_prompt = num_images // len(values)
+    return [values[i // per_prompt] for i in range(num_images)]

@@ -1,0 +1,92 @@
+"""Attention layers of a diffusers UNet, named by their module path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+
+AttentionKind = Literal["cross", "self"]
+_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+_PROCESSOR_SUFFIX = ".processor"
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One attention module of the UNet.
+
+    ``name`` is its diffusers module path, e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``.
+    """
+
+    name: str
+    kind: AttentionKind
+    heads: int
+    head_dim: int
+    key_dim: int  # dimension of what the keys are projected from (d_text for cross-attention)
+
+    @property
+    def block(self) -> str:
+        return self.name.split(".")[0]
+
+
+def attention_layers(unet: torch.nn.Module, kind: AttentionKind | None = "cross") -> list[AttentionLayer]:
+    """The UNet's attention layers of ``kind`` (``None`` for both), in U-Net order: down, mid, up."""
+    names = [key[: -len(_PROCESSOR_SUFFIX)] for key in unet.attn_processors]
+    layers = []
+    for position, name in enumerate(names):
+        module = unet.get_submodule(name)
+        layer_kind: AttentionKind = "cross" if module.is_cross_attention else "self"
+        if kind is not None and layer_kind != kind:
+            continue
+        inner_dim = module.to_q.out_features
+        layers.append(
+            (
+                _BLOCK_ORDER.get(name.split(".")[0], len(_BLOCK_ORDER)),
+                position,
+                AttentionLayer(
+                    name=name,
+                    kind=layer_kind,
+                    heads=module.heads,
+                    head_dim=inner_dim // module.heads,
+                    key_dim=module.to_k.in_features,
+                ),
+            )
+        )
+    return [layer for _, _, layer in sorted(layers, key=lambda item: item[:2])]
+
+
+def select_layers(
+    available: list[AttentionLayer], names: Iterable[str] | None
+) -> list[AttentionLayer]:
+    """The layers named in ``names`` (all of ``available`` when ``None``), with a clear error."""
+    if names is None:
+        return list(available)
+    by_name = {layer.name: layer for layer in available}
+    chosen = []
+    for name in names:
+        if name not in by_name:
+            listing = "\n  ".join(by_name)
+            raise KeyError(f"{name!r} is not an attention layer of this UNet; choose from:\n  {listing}")
+        chosen.append(by_name[name])
+    if not chosen:
+        raise ValueError("layers is empty; pass None to trace every layer")
+    return chosen
+
+
+def layer_resolution(num_positions: int, latent_size: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a layer whose maps have ``num_positions`` pixels inside a latent of ``latent_size``.
+
+    The UNet halves each side with stride-2 convolutions (rounding up), so the layer's size is
+    ``ceil(latent / 2**k)`` for its depth k.
+    """
+    height, width = latent_size
+    while height * width > num_positions and (height > 1 or width > 1):
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    if height * width != num_positions:
+        raise ValueError(
+            f"a layer with {num_positions} positions does not fit a {latent_size} latent "
+            "downsampled by powers of two"
+        )
+    return height, width

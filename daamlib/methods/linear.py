@@ -1,0 +1,63 @@
+"""Linear (no-softmax) open-vocabulary DAAM (thesis eq. 3.7-3.8) through the collapsed matrix.
+
+L(x) = sum_{t,l,h} up(Q_{t,l,h} . (W_k^l x)_h) is linear in x, so a trace stores
+M = sum_l up((sum_t Q_{t,l}) W_k^l)  [H*W, d_text] and every heatmap is the mat-vec M x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..record import Record
+from ..text import TextEncoder
+from .common import word_indices
+
+
+def linear(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=None, occurrence: int = 0) -> torch.Tensor:
+    """The linear DAAM heatmap of a word, token index or conditioning vector.  [H, W]
+
+    A word of the generating prompt uses its contextual embedding from that prompt (averaged over
+    its tokens); any other word is encoded alone by ``pipe``'s text encoder.
+    """
+    return linear_maps(record, word_vector(record, word_or_vector, pipe=pipe, occurrence=occurrence)[None])[0]
+
+
+def linear_maps(record: Record, vectors: torch.Tensor) -> torch.Tensor:
+    """Heatmaps of conditioning vectors [k, d_text] -> [k, H, W]. Differentiable in ``vectors``."""
+    matrix = _matrix(record)
+    if vectors.ndim != 2 or vectors.shape[-1] != matrix.shape[-1]:
+        raise ValueError(
+            f"vectors must be [k, {matrix.shape[-1]}] (the model's conditioning size); got {tuple(vectors.shape)}"
+        )
+    maps = vectors.to(matrix.dtype) @ matrix.T  # [k, H*W]
+    if record.linear_bias is not None:
+        maps = maps + record.linear_bias.float()
+    return maps.reshape(-1, *record.latent_size)
+
+
+def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=None, occurrence: int = 0) -> torch.Tensor:
+    """The conditioning vector [d_text] that stands for a word, token index or vector."""
+    if isinstance(word_or_vector, torch.Tensor):
+        return word_or_vector.float().reshape(-1)
+    in_prompt = isinstance(word_or_vector, int)
+    if not in_prompt and record.meta.token_ids is not None:
+        try:
+            indices = word_indices(record, word_or_vector, occurrence)
+            in_prompt = True
+        except KeyError:
+            in_prompt = False
+    if in_prompt:
+        indices = word_indices(record, word_or_vector, occurrence)
+        return record.text_embeddings[indices].float().mean(dim=0)
+    if pipe is None:
+        raise KeyError(
+            f"{word_or_vector!r} is not in the prompt; pass pipe= so its embedding can be computed "
+            "with the model's text encoder"
+        )
+    return TextEncoder(pipe).word_vector(word_or_vector)
+
+
+def _matrix(record: Record) -> torch.Tensor:
+    if record.linear_matrix is None:
+        raise KeyError("the record has no linear matrix; trace with linear=True")
+    return record.linear_matrix.float()

@@ -1,0 +1,178 @@
+"""Token-embedding optimization (thesis eq. 3.9-3.11, §4.4).
+
+Gradient descent on vectors in the conditioning space so that their heatmaps match target
+masks. Variants:
+  * ``"linear"``: one vector x, heatmap L(x) = M x from the collapsed linear matrix;
+  * ``"softmax"``: two vectors [object, background], softmax open-vocabulary maps over just
+    those two keys from the query cache (needs ``pipe`` for W_k).
+Heatmaps are min-max normalised before the loss. Masks are given at image resolution and
+area-averaged to the latent grid once, so every epoch works at latent resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .methods.linear import linear_maps, word_vector
+from .methods.openvocab import openvocab_maps
+from .record import Record, _atomic_save, library_version
+
+Variant = Literal["linear", "softmax"]
+Loss = Literal["ce", "bce", "softmax_ce"]
+_EPSILON = 1e-6
+_FORMAT_NAME = "daamlib.tokens"
+
+
+@dataclass
+class OptimizedTokens:
+    """Optimized conditioning vectors with what is needed to use them again."""
+
+    vectors: torch.Tensor  # [k, d_text]; k = 1 (linear) or 2 (softmax: object, background)
+    variant: Variant
+    loss: Loss
+    names: list[str]
+    model_id: str | None
+    history: list[float] = field(default_factory=list)  # loss per epoch
+    init: str | None = None
+    library_version: str = field(default_factory=library_version)
+
+    @property
+    def object_vector(self) -> torch.Tensor:
+        return self.vectors[0]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = path.with_name(path.name + ".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in self.__dict__.items() if k != "vectors"}
+        _atomic_save({"vectors": self.vectors.detach().cpu().contiguous()},
+                     {"daamlib": json.dumps({"format": _FORMAT_NAME, **meta})}, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_model_id: str | None = None) -> "OptimizedTokens":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {}).get("daamlib", "{}"))
+            vectors = handle.get_tensor("vectors")
+        if meta.pop("format", None) != _FORMAT_NAME:
+            raise ValueError(f"{path} does not hold daamlib optimized tokens")
+        if expected_model_id is not None and meta["model_id"] != expected_model_id:
+            raise ValueError(
+                f"tokens in {path} were optimized for {meta['model_id']!r}, not {expected_model_id!r}; "
+                "conditioning vectors do not transfer between models"
+            )
+        return cls(vectors=vectors, **meta)
+
+
+def optimize_tokens(
+    records: Sequence[Record],
+    masks: Sequence[np.ndarray | torch.Tensor],
+    *,
+    init: str | torch.Tensor,
+    variant: Variant = "linear",
+    loss: Loss | None = None,
+    epochs: int = 500,
+    learning_rate: float = 3.0,
+    background_init: str | torch.Tensor = "<sot>",
+    pipe=None,
+    progress: bool = True,
+) -> OptimizedTokens:
+    """Optimize a token (linear) or an object + background token pair (softmax) on ``records``.
+
+    Args:
+        records: training records (``linear=True`` for "linear", ``queries=True`` for "softmax").
+        masks: one boolean target mask per record, at the record's image resolution.
+        init: the class word (its contextual embedding initialises x) or a vector [d_text].
+        loss: "ce" (thesis eq. 3.10), "bce", or "softmax_ce" (softmax variant only; its default).
+        learning_rate: Adam's step size (the thesis used 3 for 500 epochs).
+        background_init: the background token's start for the softmax variant.
+    """
+    if not records:
+        raise ValueError("optimize_tokens needs at least one training record")
+    if len(records) != len(masks):
+        raise ValueError(f"{len(records)} records but {len(masks)} masks; pass one mask per record")
+    if variant not in ("linear", "softmax"):
+        raise ValueError(f"variant must be 'linear' or 'softmax', not {variant!r}")
+    loss = loss or ("ce" if variant == "linear" else "softmax_ce")
+    if loss not in ("ce", "bce", "softmax_ce"):
+        raise ValueError(f"loss must be 'ce', 'bce' or 'softmax_ce', not {loss!r}")
+    if loss == "softmax_ce" and variant != "softmax":
+        raise ValueError("loss='softmax_ce' compares two token maps; use it with variant='softmax'")
+    if variant == "softmax" and pipe is None:
+        raise ValueError("variant='softmax' needs pipe= for the key projections W_k")
+
+    targets = [latent_target(record, mask) for record, mask in zip(records, masks)]  # [H, W] in [0, 1]
+    starts = [word_vector(records[0], init, pipe=pipe)]
+    names = [init if isinstance(init, str) else "object"]
+    if variant == "softmax":
+        starts.append(word_vector(records[0], background_init, pipe=pipe))
+        names.append("background")
+    vectors = torch.stack(starts).detach().clone().requires_grad_(True)  # [k, d_text]
+    optimizer = torch.optim.Adam([vectors], lr=learning_rate)
+    history = []
+    for _ in tqdm(range(epochs), desc="optimizing tokens", disable=not progress):
+        optimizer.zero_grad()
+        total = sum(
+            token_loss(heatmaps(record, vectors, variant, pipe), target, loss)
+            for record, target in zip(records, targets)
+        ) / len(records)
+        total.backward()
+        optimizer.step()
+        history.append(float(total))
+    return OptimizedTokens(
+        vectors=vectors.detach(),
+        variant=variant,
+        loss=loss,
+        names=names,
+        model_id=records[0].meta.model_id,
+        history=history,
+        init=init if isinstance(init, str) else None,
+    )
+
+
+def heatmaps(record: Record, vectors: torch.Tensor, variant: Variant, pipe=None) -> torch.Tensor:
+    """Heatmaps of the optimized vectors on one record.  [k, H, W]"""
+    if variant == "linear":
+        return linear_maps(record, vectors)
+    return openvocab_maps(record, vectors, pipe)
+
+
+def token_loss(maps: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
+    """The loss between heatmaps [k, H, W] and the object target [H, W] (k = 1 or 2)."""
+    if loss == "softmax_ce":
+        per_token = maps / maps.sum(dim=0, keepdim=True).clamp_min(_EPSILON)  # share of each token per pixel
+        target_pair = torch.stack([target, 1 - target])  # object, background
+        return -(target_pair * per_token.clamp_min(_EPSILON).log()).sum(dim=0).mean()
+    heatmap = soft_normalize(maps[0])
+    if loss == "ce":
+        return -(target * heatmap.clamp_min(_EPSILON).log()).sum() / target.sum().clamp_min(_EPSILON)
+    return F.binary_cross_entropy(heatmap.clamp(_EPSILON, 1 - _EPSILON), target)
+
+
+def soft_normalize(heatmap: torch.Tensor) -> torch.Tensor:
+    """Min-max scaling that stays finite (and differentiable) for constant maps."""
+    low = heatmap.min()
+    return (heatmap - low) / (heatmap.max() - low + _EPSILON)
+
+
+def latent_target(record: Record, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A boolean image-resolution mask area-averaged to the latent grid.  [H, W] float in [0, 1]"""
+    mask = torch.as_tensor(np.asarray(mask)).float()
+    expected = record.image_size
+    if tuple(mask.shape) != tuple(expected):
+        raise ValueError(
+            f"mask is {tuple(mask.shape)} but the record's image is {tuple(expected)}; pass masks at image resolution"
+        )
+    return F.adaptive_avg_pool2d(mask[None, None], record.latent_size)[0, 0]

@@ -1,0 +1,154 @@
+"""Prompt <-> token <-> word mapping for CLIP-tokenized prompts.
+
+A prompt is tokenized by the pipeline into ``model_max_length`` ids (77 for every Stable
+Diffusion text encoder): ``<|startoftext|>`` (SOT), the word pieces, ``<|endoftext|>`` (EOT), then
+padding up to the model length. CLIP's BPE marks the last piece of every word with ``</w>``,
+so words are recovered from the token strings alone: a record can find its words without the
+tokenizer that made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+SOT = "<sot>"
+EOT = "<eot>"
+_SOT_ALIASES = {SOT, "<|startoftext|>"}
+_EOT_ALIASES = {EOT, "<|endoftext|>"}
+_END_OF_WORD = "</w>"
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a prompt and the positions of its BPE pieces among the model's tokens."""
+
+    text: str
+    token_indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The tokens a text encoder saw for one prompt.
+
+    ``ids`` and ``strings`` have the text encoder's full length (e.g. 77). ``eot_index`` is the
+    position of the first EOT after SOT; everything after it is padding.
+    """
+
+    ids: tuple[int, ...]
+    strings: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.strings):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.strings)} token strings")
+        if not self.ids:
+            raise ValueError("a prompt has at least the SOT and EOT tokens; got no tokens")
+
+    @classmethod
+    def from_ids(cls, ids: Sequence[int], tokenizer) -> "PromptTokens":
+        ids = [int(i) for i in ids]
+        return cls(tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)))
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer) -> "PromptTokens":
+        """Tokenize ``text`` exactly as a diffusers pipeline does (padded, truncated)."""
+        ids = tokenizer(
+            text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return cls.from_ids(ids, tokenizer)
+
+    # -- special positions ------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def sot_index(self) -> int:
+        return 0
+
+    @property
+    def eot_index(self) -> int:
+        for index in range(1, self.length):
+            if self.strings[index] in _EOT_ALIASES:
+                return index
+        return self.length - 1
+
+    @property
+    def padding_indices(self) -> tuple[int, ...]:
+        return tuple(range(self.eot_index + 1, self.length))
+
+    @property
+    def maybe_truncated(self) -> bool:
+        """True when the prompt filled every position, so the tokenizer may have cut words off."""
+        return self.eot_index == self.length - 1
+
+    # -- words ------------------------------------------------------------------------------
+    @property
+    def words(self) -> tuple[Word, ...]:
+        """The prompt's words between SOT and EOT, each with its token positions."""
+        words: list[Word] = []
+        pieces: list[str] = []
+        indices: list[int] = []
+        for index in range(1, self.eot_index):
+            piece = self.strings[index]
+            pieces.append(piece)
+            indices.append(index)
+            if piece.endswith(_END_OF_WORD):
+                text = "".join(pieces)[: -len(_END_OF_WORD)]
+                words.append(Word(text, tuple(indices)))
+                pieces, indices = [], []
+        if pieces:  # a word cut by truncation has no end marker
+            words.append(Word("".join(pieces), tuple(indices)))
+        return tuple(words)
+
+    def token_indices(self, word: str | int, occurrence: int = 0) -> tuple[int, ...]:
+        """Token positions of ``word`` (one or more words, e.g. "traffic light"), or of a token index.
+
+        ``occurrence`` picks among repeats (0 = first). SOT and EOT are addressed as ``"<sot>"`` and
+        ``"<eot>"`` (or the tokenizer's own strings).
+        """
+        if isinstance(word, int):
+            if not -self.length <= word < self.length:
+                raise IndexError(f"token index {word} is outside the {self.length} tokens")
+            return (word % self.length,)
+        query = word.strip().lower()
+        if not query:
+            raise ValueError("the word to look up is empty; pass a word of the prompt or a token index")
+        if query in _SOT_ALIASES:
+            return (self.sot_index,)
+        if query in _EOT_ALIASES:
+            return (self.eot_index,)
+        wanted = query.split()
+        words = [w.text for w in self.words]
+        starts = [
+            i for i in range(len(words) - len(wanted) + 1) if words[i : i + len(wanted)] == wanted
+        ]
+        if not starts:
+            hint = " The prompt was cut at the text encoder's length, which may have dropped it." if self.maybe_truncated else ""
+            raise KeyError(
+                f"{word!r} is not in the prompt {self.text!r}.{hint} Use open-vocabulary maps "
+                "(daamlib.openvocab or daamlib.linear) for words that were not in the prompt."
+            )
+        if not 0 <= occurrence < len(starts):
+            raise KeyError(
+                f"{word!r} occurs {len(starts)} time(s) in the prompt; occurrence={occurrence} "
+                f"is out of range (use 0..{len(starts) - 1})"
+            )
+        start = starts[occurrence]
+        self_words = self.words
+        return tuple(i for w in self_words[start : start + len(wanted)] for i in w.token_indices)
+
+    @property
+    def text(self) -> str:
+        """The prompt as the text encoder saw it (lower-cased, after truncation)."""
+        return " ".join(w.text for w in self.words)
+
+    def label(self, index: int) -> str:
+        """A readable name for a token position: ``<sot>``, ``<eot>``, ``<pad>`` or the piece."""
+        if index == self.sot_index:
+            return SOT
+        if index == self.eot_index:
+            return EOT
+        if index > self.eot_index:
+            return "<pad>"
+        return self.strings[index].replace(_END_OF_WORD, "")
