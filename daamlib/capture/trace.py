@@ -125,7 +125,7 @@ class Trace:
         unet = self.pipe.unet
         key_projections = {layer.name: unet.get_submodule(layer.name).to_k for layer in self.layers if layer.kind == "cross"}
         provenance = {
-            "model_id": getattr(getattr(self.pipe, "config", None), "_name_or_path", None),
+            "model_id": _model_id(self.pipe),
             "scheduler": type(self.pipe.scheduler).__name__,
             "image_size": _image_size(self.pipe, state.latent_size),
         }
@@ -179,6 +179,11 @@ def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) ->
 def _normed(attn, norm_name: str, tensor: torch.Tensor) -> torch.Tensor:
     norm = getattr(attn, norm_name, None)
     return norm(tensor) if norm is not None else tensor
+
+
+def _model_id(pipe) -> str | None:
+    name = getattr(pipe, "name_or_path", None)
+    return None if name is None else str(name)
 
 
 def _image_size(pipe, latent_size: tuple[int, int]) -> tuple[int, int] | None:

@@ -1,0 +1,114 @@
+"""Plain reference implementations written independently of daamlib's streaming code."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+class StoreEverything:
+    """An attention processor that keeps, for every call, the full queries and softmax maps of all rows."""
+
+    def __init__(self, name, original, calls):
+        self.name, self.original, self.calls = name, original, calls
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        with torch.no_grad():
+            q = attn.to_q(hidden_states)  # [B, hw, inner]
+            k = attn.to_k(encoder_hidden_states)  # [B, n, inner]
+            heads = attn.heads
+            d = q.shape[-1] // heads
+            probs = []
+            for h in range(heads):
+                qh, kh = q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]
+                probs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1))
+            self.calls.append({"layer": self.name, "q": q.clone(), "probs": torch.stack(probs, 1),
+                               "to_k": attn.to_k, "heads": heads})
+        return out
+
+
+def record_everything(pipe, run):
+    """Run ``run()`` with StoreEverything on every cross-attention layer; return the calls."""
+    unet = pipe.unet
+    originals = unet.attn_processors
+    calls = []
+    processors = {}
+    for key, proc in originals.items():
+        name = key[: -len(".processor")]
+        processors[key] = StoreEverything(name, proc, calls) if name.endswith("attn2") else proc
+    unet.set_attn_processor(processors)
+    try:
+        output = run()
+    finally:
+        unet.set_attn_processor(dict(originals))
+    return calls, output
+
+
+def grid(hw, latent):
+    """(h, w) of a layer with hw positions in a latent of size latent."""
+    h, w = latent
+    while h * w > hw:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+def up(map2d, size, mode):
+    return F.interpolate(map2d[None, None].float(), size=size, mode=mode, align_corners=False)[0, 0]
+
+
+def naive_daam(calls, row, token, latent, mode="bilinear", keep=lambda call, step: True):
+    """sum over calls (steps x layers) and heads of up(A[:, token]), upsampling every map."""
+    total = torch.zeros(latent)
+    steps = _steps(calls)
+    for call, step in zip(calls, steps):
+        if not keep(call, step):
+            continue
+        probs = call["probs"][row]  # [heads, hw, n]
+        h, w = grid(probs.shape[1], latent)
+        for head in range(probs.shape[0]):
+            total += up(probs[head, :, token].reshape(h, w), latent, mode)
+    return total
+
+
+def naive_linear(calls, row, x, latent, mode="bilinear"):
+    """sum over calls and heads of up(Q_h . (W_k x)_h), no softmax."""
+    total = torch.zeros(latent)
+    for call in calls:
+        q = call["q"][row]  # [hw, inner]
+        key = call["to_k"](x[None])[0]  # [inner]
+        heads = call["heads"]
+        d = q.shape[-1] // heads
+        h, w = grid(q.shape[0], latent)
+        for head in range(heads):
+            scores = q[:, head * d:(head + 1) * d] @ key[head * d:(head + 1) * d]
+            total += up(scores.reshape(h, w), latent, mode)
+    return total
+
+
+def naive_daam02(calls, row, token, latent):
+    """daam 0.2.0: per (layer, head) time sum, bicubic up, clamp >= 0, mean over (layer, head); skip 1/8 layers."""
+    sums = {}
+    for call in calls:
+        probs = call["probs"][row]
+        h, w = grid(probs.shape[1], latent)
+        if latent[0] // h == 8:
+            continue
+        for head in range(probs.shape[0]):
+            key = (call["layer"], head)
+            sums[key] = sums.get(key, 0) + probs[head, :, token].reshape(h, w)
+    maps = [up(m, latent, "bicubic").clamp(min=0) for m in sums.values()]
+    return torch.stack(maps).mean(0)
+
+
+def _steps(calls):
+    """Step index of every call: a step ends when the first layer comes round again."""
+    first = calls[0]["layer"]
+    steps, step = [], -1
+    for call in calls:
+        if call["layer"] == first:
+            step += 1
+        steps.append(step)
+    return steps

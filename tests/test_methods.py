@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+import daamlib
+from naive import naive_daam, naive_daam02, naive_linear, record_everything
+
+PROMPT = "a car and a tree in an urban environment"
+
+
+def generate(pipe, size=(32, 48), **trace_kwargs):
+    """Naive full capture and daamlib's record of the same seeded generation."""
+    def run():
+        return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+                    height=size[0], width=size[1], output_type="np")
+    calls, _ = record_everything(pipe, run)
+    with daamlib.trace(pipe, **trace_kwargs) as tr:
+        run()
+    return calls, tr.records[0]
+
+
+def test_collapsed_linear_daam_equals_the_sum_over_steps_layers_and_heads(pipe):
+    calls, record = generate(pipe, linear=True)
+    torch.manual_seed(1)
+    for x in (torch.randn(32), record.text_embeddings[2]):
+        naive = naive_linear(calls, row=1, x=x, latent=(16, 24))
+        ours = daamlib.linear(record, x)
+        assert torch.allclose(ours, naive, rtol=1e-4, atol=1e-4 * float(naive.abs().max())), (ours - naive).abs().max()
+    # a word of the prompt uses its contextual embedding
+    car = record.tokens.token_indices("car")
+    assert torch.allclose(daamlib.linear(record, "car"), daamlib.linear(record, record.text_embeddings[list(car)].mean(0)))
+
+
+def test_linear_for_a_new_word_uses_the_text_encoder(pipe):
+    _, record = generate(pipe, linear=True)
+    vector = daamlib.TextEncoder(pipe).word_vector("bicycle")
+    assert torch.allclose(daamlib.linear(record, "bicycle", pipe=pipe), daamlib.linear(record, vector))
+    with pytest.raises(KeyError, match="pass pipe="):
+        daamlib.linear(record, "bicycle")
+
+
+def test_openvocab_with_the_generating_prompt_as_context_equals_daam(pipe):
+    _, cached = generate(pipe, queries=True, query_dtype=torch.float32)
+    _, rerun = generate(pipe, contexts=[PROMPT], context_padding=True)
+    for word in ("car", "tree", "<sot>", "<eot>"):
+        reference = daamlib.daam(rerun, word)
+        from_cache = daamlib.openvocab(cached, PROMPT, word, pipe=pipe, include_padding=True)
+        from_rerun = daamlib.openvocab(rerun, PROMPT, word)
+        assert torch.allclose(from_cache, reference, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(from_rerun, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_openvocab_context_without_padding_is_a_distribution_over_its_tokens(pipe):
+    _, record = generate(pipe, queries=True)
+    context = "a car and a bicycle in an urban environment"
+    maps = daamlib.openvocab(record, context, pipe=pipe)  # [m, H, W]: SOT, 9 words, EOT
+    assert maps.shape == (11, 16, 24)
+    expected = sum(l.heads for l in record.cross_layers) * record.num_steps
+    # bilinear upsampling keeps per-pixel sums: every key-softmax sums to 1 per head, step, layer
+    assert torch.allclose(maps.sum(0), torch.full((16, 24), float(expected)), rtol=1e-3)
+    assert daamlib.openvocab(record, context, "bicycle", pipe=pipe).shape == (16, 24)
+
+
+def test_daam_02_mode_reproduces_the_original_package(pipe):
+    calls, record = generate(pipe, size=(64, 64), per_head=True)  # latent 32: the 4x4 layers are skipped
+    token = record.tokens.token_indices("car")[0]
+    naive = naive_daam02(calls, row=1, token=token, latent=(32, 32))
+    assert torch.allclose(daamlib.daam(record, "car", mode="daam-0.2"), naive, rtol=1e-4, atol=1e-6)
+
+
+def test_layer_and_step_filters(pipe):
+    calls, record = generate(pipe, per_step=True)
+    token = record.tokens.token_indices("tree")[0]
+    up_layers = [l.name for l in record.cross_layers if l.name.startswith("up_blocks")]
+    naive = naive_daam(calls, 1, token, (16, 24), keep=lambda call, step: call["layer"] in up_layers and step in (1, 2))
+    ours = daamlib.daam(record, "tree", layers=up_layers, steps=[1, 2])
+    assert torch.allclose(ours, naive, rtol=1e-4, atol=1e-5)
+    with pytest.raises(IndexError, match="outside"):
+        daamlib.daam(record, "tree", steps=[99])
+
+
+def test_multi_token_word_averages_its_tokens(pipe):
+    _, record = generate(pipe)
+    assert record.tokens.token_indices("urban environment") == (8, 9)
+    expected = (daamlib.daam(record, 8) + daamlib.daam(record, 9)) / 2
+    assert torch.allclose(daamlib.daam(record, "urban environment"), expected)
+
+
+def test_word_not_in_prompt_points_to_open_vocabulary(pipe):
+    _, record = generate(pipe)
+    with pytest.raises(KeyError, match="open-vocabulary"):
+        daamlib.daam(record, "bicycle")
+    with pytest.raises(KeyError, match="per_head=True"):
+        daamlib.daam(record, "car", mode="daam-0.2")
+    with pytest.raises(KeyError, match="queries=True"):
+        daamlib.openvocab(record, "a bicycle", "bicycle", pipe=pipe)

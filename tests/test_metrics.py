@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+import daamlib
+from daamlib import metrics
+
+
+def naive_iou_curve(heatmap, mask, taus):
+    up = torch.nn.functional.interpolate(heatmap[None, None], size=mask.shape, mode="bicubic", align_corners=False)[0, 0]
+    out = []
+    for tau in taus:
+        predicted = (up >= tau * up.max()).numpy()
+        union = np.logical_or(predicted, mask).sum()
+        out.append(1.0 if union == 0 else np.logical_and(predicted, mask).sum() / union)
+    return np.array(out)
+
+
+def test_iou_curve_matches_a_plain_threshold_loop():
+    torch.manual_seed(0)
+    heatmap = torch.rand(8, 12)
+    mask = np.zeros((32, 48), bool)
+    mask[8:20, 10:30] = True
+    taus = metrics.thresholds(101)
+    assert len(taus) == 101 and taus[0] == 0 and taus[-1] == 1
+    np.testing.assert_allclose(metrics.iou_curve(heatmap, mask, taus), naive_iou_curve(heatmap, mask, taus))
+
+
+def test_iou_of_known_masks():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True  # 8 pixels
+    b[1:3] = True  # 8 pixels, 4 shared
+    assert metrics.iou(a, b) == pytest.approx(4 / 12)
+    assert metrics.iou(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_summary_max_auc_and_all_row():
+    taus = metrics.thresholds(5)  # 0, .25, .5, .75, 1
+    curves = {"car": np.array([[0.0, 0.5, 1.0, 0.5, 0.0], [0.0, 0.5, 0.5, 0.5, 0.0]]),
+              "person": np.array([[0.2, 0.2, 0.2, 0.2, 0.2]])}
+    table = metrics.summarize(curves, taus)
+    assert table.loc["car", "max_miou"] == pytest.approx(0.75)
+    assert table.loc["car", "best_tau"] == pytest.approx(0.5)
+    assert table.loc["car", "auc"] == pytest.approx(np.trapezoid([0, 0.5, 0.75, 0.5, 0], taus))
+    assert table.loc["person", "auc"] == pytest.approx(0.2)
+    assert table.loc["All", "max_miou"] == pytest.approx((0.75 + 0.2) / 2)
+    bands = metrics.curve_bands(curves["car"])
+    np.testing.assert_allclose(bands["low"], np.percentile(curves["car"], 5, axis=0))
+
+
+def test_pearson_against_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.random(100), rng.random(100)
+    assert metrics.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert metrics.pearson(a, 2 * a + 1) == pytest.approx(1.0)
+
+
+def test_bad_inputs_fail_clearly():
+    with pytest.raises(ValueError, match="cannot be normalised"):
+        daamlib.normalize(torch.zeros(4, 4))
+    assert torch.allclose(daamlib.normalize(torch.tensor([1.0, 3.0])), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="image's resolution"):
+        metrics.iou_curve(torch.rand(8, 8), np.zeros((30, 30), bool))
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        daamlib.binarize(torch.rand(4, 4), 1.5)
+    with pytest.raises(ValueError, match="outside \\[0, 1\\]"):
+        metrics.iou_curve(torch.rand(4, 4), np.zeros((8, 8), bool), taus=[0.0, 2.0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.iou(np.zeros((2, 2)), np.zeros((3, 3)))

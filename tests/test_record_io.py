@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+import torch
+
+import daamlib
+
+
+@pytest.fixture(scope="module")
+def record(pipe):
+    (record,) = daamlib.generate(pipe, "a car and a tree", seed=3, num_inference_steps=2, per_head=True,
+                                 per_step=True, queries=True, linear=True, self_attention=True, contexts=["a tree"])
+    return record
+
+
+def test_record_round_trip(tmp_path, record):
+    path = record.save(tmp_path / "sample")
+    assert path.name == "sample.safetensors"
+    loaded = daamlib.load_record(path)
+    assert loaded.meta == record.meta
+    assert loaded.meta.seed == 3 and loaded.meta.prompt == "a car and a tree"
+    assert loaded.meta.model_id is not None or loaded.meta.model_id is record.meta.model_id
+    np.testing.assert_array_equal(loaded.image, record.image)
+    for name in ("daam", "daam_heads", "daam_steps", "queries", "self_attention"):
+        original, restored = getattr(record, name), getattr(loaded, name)
+        assert original.keys() == restored.keys() and original
+        assert all(torch.equal(original[k], restored[k]) for k in original)
+    assert torch.equal(loaded.linear_matrix, record.linear_matrix)
+    assert torch.equal(loaded.contexts["a tree"]["down_blocks.0.attentions.0.transformer_blocks.0.attn2"],
+                       record.contexts["a tree"]["down_blocks.0.attentions.0.transformer_blocks.0.attn2"])
+    assert torch.equal(daamlib.daam(loaded, "tree"), daamlib.daam(record, "tree"))
+    assert torch.equal(daamlib.openvocab(loaded, "a tree", "tree"), daamlib.openvocab(record, "a tree", "tree"))
+
+
+def test_half_precision_save(tmp_path, record):
+    loaded = daamlib.load_record(record.save(tmp_path / "half", dtype=torch.float16))
+    assert loaded.linear_matrix.dtype == torch.float16
+    assert torch.allclose(daamlib.linear(loaded, "car"), daamlib.linear(record, "car"), rtol=1e-2, atol=1e-2)
+
+
+def test_corrupt_or_foreign_files_raise_a_clear_error(tmp_path, record):
+    path = record.save(tmp_path / "broken")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable daamlib record"):
+        daamlib.load_record(path)
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
+    with pytest.raises(ValueError, match="not a readable daamlib record"):
+        daamlib.load_record(tmp_path / "foreign.safetensors")
+    with pytest.raises(FileNotFoundError):
+        daamlib.load_record(tmp_path / "missing.safetensors")
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, record):
+    record.save(tmp_path / "a")
+    record.save(tmp_path / "a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
