@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+
+from daamlib.toyworld import labels as L
+from daamlib.toyworld.captions import caption, thesis_prompt
+from daamlib.toyworld.render import render_scene
+
+SEEDS = range(40)
+
+
+@pytest.mark.parametrize("name", L.MAIN_CLASSES)
+def test_main_object_is_present_at_a_realistic_scale(name):
+    coverage = np.array([render_scene(name, seed).coverage(name) for seed in SEEDS])
+    assert coverage.min() > 0.01 and coverage.max() < 0.30
+    assert np.median(coverage) > 0.025
+
+
+def test_rendering_is_seeded():
+    a, b = render_scene("car", 3), render_scene("car", 3)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.image, render_scene("car", 4).image)
+
+
+def test_traffic_light_mask_excludes_its_pole():
+    for seed in SEEDS:
+        scene = render_scene("traffic light", seed)
+        light, pole = scene.mask("traffic light"), scene.labels == L.POLE
+        assert light.any() and pole.any() and not (light & pole).any()
+        # the pole stands below the housing: its lowest pixel is below the light's lowest pixel
+        assert np.nonzero(pole)[0].max() > np.nonzero(light)[0].max()
+
+
+def test_rider_and_bicycle_are_disjoint_and_the_rider_sits_on_it():
+    for seed in SEEDS:
+        scene = render_scene("rider", seed)
+        rider, bicycle = scene.mask("rider"), scene.labels == L.BICYCLE
+        assert rider.any() and bicycle.any() and not (rider & bicycle).any()
+        rows, cols = np.nonzero(rider)
+        b_rows, b_cols = np.nonzero(bicycle)
+        assert b_cols.min() <= np.median(cols) <= b_cols.max()  # above the bicycle
+        assert rows.min() < b_rows.min()  # the rider's head is above the bicycle
+
+
+def test_labels_match_the_painted_colours():
+    scene = render_scene("person", 5)
+    # the sky is painted first and only where nothing else is: every sky pixel is bluish
+    sky = scene.labels == L.SKY
+    assert (scene.image[sky][:, 2] >= scene.image[sky][:, 0]).all()
+
+
+def test_captions_only_name_things_present():
+    assert thesis_prompt("traffic light") == "a traffic light in an urban environment"
+    words_to_labels = {word: label for label, word in L.CAPTION_WORDS.items()}
+    for name in L.MAIN_CLASSES:
+        for seed in SEEDS:
+            scene = render_scene(name, seed)
+            text = caption(scene, seed)
+            assert name in text
+            for word, label in words_to_labels.items():
+                if f" {word}" in text:
+                    assert (scene.labels == label).sum() >= 20, (text, word)
+
+
+def test_unknown_class():
+    with pytest.raises(ValueError, match="unknown class"):
+        render_scene("bus", 0)
