@@ -19,6 +19,10 @@ _EOT_ALIASES = {EOT, "<|endoftext|>"}
 _END_OF_WORD = "</w>"
 
 
+class WordNotInPrompt(KeyError):
+    """The word is not among the prompt's words (open-vocabulary methods can still map it)."""
+
+
 @dataclass(frozen=True)
 class Word:
     """One word of a prompt and the positions of its BPE pieces among the model's tokens."""
@@ -125,7 +129,7 @@ class PromptTokens:
         ]
         if not starts:
             hint = " The prompt was cut at the text encoder's length, which may have dropped it." if self.maybe_truncated else ""
-            raise KeyError(
+            raise WordNotInPrompt(
                 f"{word!r} is not in the prompt {self.text!r}.{hint} Use open-vocabulary maps "
                 "(daamlib.openvocab or daamlib.linear) for words that were not in the prompt."
             )

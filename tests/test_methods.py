@@ -36,6 +36,8 @@ def test_linear_for_a_new_word_uses_the_text_encoder(pipe):
     assert torch.allclose(daamlib.linear(record, "bicycle", pipe=pipe), daamlib.linear(record, vector))
     with pytest.raises(KeyError, match="pass pipe="):
         daamlib.linear(record, "bicycle")
+    with pytest.raises(KeyError, match="occurs 1 time"):  # a bad occurrence is not mistaken for a new word
+        daamlib.linear(record, "car", occurrence=3, pipe=pipe)
 
 
 def test_openvocab_with_the_generating_prompt_as_context_equals_daam(pipe):

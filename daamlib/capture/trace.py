@@ -73,10 +73,14 @@ class Trace:
             self._start(num_images, tuple(sample.shape[-2:]), context, cfg)
         elif num_images != self._current.num_images:
             raise ValueError(f"the batch changed from {self._current.num_images} to {num_images} images mid-generation")
-        self._rows = slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
+        self._rows = self._traced_rows(num_images, cfg)
         self._current.timesteps.append(timestep)
         self._last_timestep = timestep
         self._capture_self_attention = self.options.self_attention and self._is_last_step(timestep)
+
+    def _traced_rows(self, num_images: int, cfg: bool) -> slice:
+        """diffusers batches CFG as [uncond x N, cond x N]; without CFG all N rows are conditional."""
+        return slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
 
     def _uses_cfg(self) -> bool:
         if self.cfg is not None:
@@ -93,7 +97,7 @@ class Trace:
         return timesteps is not None and len(timesteps) > 0 and float(timesteps[-1]) == timestep
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
-        rows = slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
+        rows = self._traced_rows(num_images, cfg)
         token_ids = token_strings = None
         if self._pending_ids is not None:
             prompts = [PromptTokens.from_ids(ids.tolist(), self.pipe.tokenizer) for ids in self._pending_ids]

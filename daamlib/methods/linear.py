@@ -10,6 +10,7 @@ import torch
 
 from ..record import Record
 from ..text import TextEncoder
+from ..tokens import WordNotInPrompt
 from .common import word_indices
 
 
@@ -39,21 +40,16 @@ def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pip
     """The conditioning vector [d_text] that stands for a word, token index or vector."""
     if isinstance(word_or_vector, torch.Tensor):
         return word_or_vector.float().reshape(-1)
-    in_prompt = isinstance(word_or_vector, int)
-    if not in_prompt and record.meta.token_ids is not None:
-        try:
-            indices = word_indices(record, word_or_vector, occurrence)
-            in_prompt = True
-        except KeyError:
-            in_prompt = False
-    if in_prompt:
+    try:
         indices = word_indices(record, word_or_vector, occurrence)
+    except WordNotInPrompt:
+        if pipe is None:
+            raise KeyError(
+                f"{word_or_vector!r} is not in the prompt; pass pipe= so its embedding can be computed "
+                "with the model's text encoder"
+            ) from None
+    else:
         return record.text_embeddings[indices].float().mean(dim=0)
-    if pipe is None:
-        raise KeyError(
-            f"{word_or_vector!r} is not in the prompt; pass pipe= so its embedding can be computed "
-            "with the model's text encoder"
-        )
     return TextEncoder(pipe).word_vector(word_or_vector)
 
 
