@@ -72,11 +72,12 @@ def openvocab_maps(
     """
     layer_names = {layer for layer, _ in record.queries}
     chosen = chosen_layers(record, layers, layer_names)
+    chosen_names = {layer.name for layer in chosen}
     step_filter = set(select_steps(record, steps))
     unet = pipe.unet
     per_layer: dict[str, torch.Tensor] = {}
     for (name, step), queries in record.queries.items():
-        if step not in step_filter or name not in {layer.name for layer in chosen}:
+        if step not in step_filter or name not in chosen_names:
             continue
         meta = record.layer(name)
         to_k = unet.get_submodule(name).to_k
