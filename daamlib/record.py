@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .tokens import PromptTokens
 
@@ -208,12 +208,9 @@ def load_record(path: str | os.PathLike) -> Record:
     if not path.exists():
         raise FileNotFoundError(f"no record at {path}")
     try:
-        tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        meta = RecordMeta.from_json(metadata[_METADATA_KEY])
+            meta = RecordMeta.from_json((handle.metadata() or {})[_METADATA_KEY])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, KeyError, ValueError, json.JSONDecodeError, TypeError, OSError) as error:
         raise ValueError(
             f"{path} is not a readable daamlib record ({error}); it may be truncated or corrupt - "

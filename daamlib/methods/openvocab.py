@@ -76,15 +76,17 @@ def openvocab_maps(
     step_filter = set(select_steps(record, steps))
     unet = pipe.unet
     per_layer: dict[str, torch.Tensor] = {}
+    keys_per_layer: dict[str, torch.Tensor] = {}  # W_k X' depends on the layer only, not the step
     for (name, step), queries in record.queries.items():
         if step not in step_filter or name not in chosen_names:
             continue
         meta = record.layer(name)
-        to_k = unet.get_submodule(name).to_k
-        keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
+        if name not in keys_per_layer:
+            to_k = unet.get_submodule(name).to_k
+            keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
+            keys_per_layer[name] = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]
         q = split_heads(queries.float()[None], meta.heads)[0]  # [heads, hw, d]
-        k = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]
-        probs = torch.softmax(q @ k.transpose(-1, -2) * meta.scale, dim=-1).sum(dim=0)  # [hw, m]
+        probs = torch.softmax(q @ keys_per_layer[name].transpose(-1, -2) * meta.scale, dim=-1).sum(dim=0)  # [hw, m]
         per_layer[name] = per_layer[name] + probs if name in per_layer else probs
     if not per_layer:
         raise KeyError("no cached queries match the chosen layers and steps")
