@@ -63,7 +63,7 @@ def load_pipeline(
     dtype = dtype or default_dtype(device)
     cls = _pipeline_class(task)
     source = _resolve_source(name_or_dir)
-    kwargs = {"torch_dtype": dtype, **from_pretrained_kwargs}
+    kwargs = {"dtype": dtype, **from_pretrained_kwargs}
     if isinstance(source, Path):
         pipe = cls.from_pretrained(source, **kwargs)
     else:

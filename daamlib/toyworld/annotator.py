@@ -1,0 +1,123 @@
+"""The toy world's ground-truth annotator: a small segmentation network trained on rendered scenes.
+
+It stands in for the thesis' SAM + manual annotation: it labels *generated* images with the
+toy world's Cityscapes train ids. It is saved beside the toy model (``<model>/annotator``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from . import labels as L
+
+LABEL_IDS = tuple(sorted(L.NAMES))  # network output channel c predicts train id LABEL_IDS[c]
+WEIGHTS_NAME = "annotator.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.SiLU(),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.SiLU(),
+    )
+
+
+class SegmentationNet(nn.Module):
+    """A small U-Net: images [B, 3, S, S] in [-1, 1] → logits [B, len(LABEL_IDS), S, S]."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 96), num_labels: int = len(LABEL_IDS)) -> None:
+        super().__init__()
+        self.channels = tuple(channels)
+        self.down = nn.ModuleList()
+        previous = 3
+        for width in channels:
+            self.down.append(_conv_block(previous, width))
+            previous = width
+        self.up = nn.ModuleList(_conv_block(channels[i + 1] + channels[i], channels[i]) for i in reversed(range(len(channels) - 1)))
+        self.head = nn.Conv2d(channels[0], num_labels, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        skips = []
+        features = images
+        for level, block in enumerate(self.down):
+            if level > 0:
+                features = F.max_pool2d(features, 2)
+            features = block(features)
+            skips.append(features)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            features = F.interpolate(features, size=skip.shape[-2:], mode="nearest")
+            features = block(torch.cat([features, skip], dim=1))
+        return self.head(features)
+
+
+def images_to_tensor(images) -> torch.Tensor:
+    """PIL images, or uint8 arrays [H, W, 3] / [N, H, W, 3] → float [N, 3, H, W] in [-1, 1]."""
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        images = images[None]
+    array = np.stack([np.asarray(image.convert("RGB") if hasattr(image, "convert") else image) for image in images])
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected RGB images [N, H, W, 3], got an array of shape {array.shape}")
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+class Annotator:
+    """Labels images with the toy world's train ids (``labels.NAMES``)."""
+
+    def __init__(self, net: SegmentationNet, device: str | torch.device = "cpu") -> None:
+        self.net = net.to(device).eval()
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Annotator":
+        directory = Path(directory)
+        if not (directory / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(
+                f"no annotator in {directory}; train it with `python -m daamlib.toyworld.train --stages annotator`"
+            )
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        net = SegmentationNet(tuple(config["channels"]), len(config["label_ids"]))
+        net.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        return cls(net, device)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().to("cpu", torch.float16).contiguous() for name, tensor in self.net.state_dict().items()}
+        save_file(state, directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps({"channels": list(self.net.channels), "label_ids": list(LABEL_IDS)}))
+
+    @torch.no_grad()
+    def __call__(self, images, batch_size: int = 64) -> np.ndarray:
+        """Train-id label maps uint8 [N, H, W] for ``images`` (see ``images_to_tensor``)."""
+        pixels = images_to_tensor(images)
+        lookup = torch.tensor(LABEL_IDS, dtype=torch.uint8)
+        labels = []
+        for batch in pixels.split(batch_size):
+            logits = self.net(batch.to(self.device, next(self.net.parameters()).dtype))
+            labels.append(lookup[logits.argmax(dim=1).cpu()])
+        return torch.cat(labels).numpy()
+
+
+def annotate(images, model_dir: str | Path | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """Label generated toy-world images: train ids uint8 [N, H, W]. ``model_dir`` defaults to the toy model's."""
+    from ..models import toy_model_dir
+
+    directory = Path(model_dir) if model_dir is not None else toy_model_dir()
+    return Annotator.from_pretrained(directory / "annotator", device)(images)
+
+
+def dataset_iou(predicted: np.ndarray, target: np.ndarray, label_ids=None) -> dict[str, float]:
+    """IoU per class over a whole set (pixels pooled over images), keyed by class name."""
+    label_ids = label_ids if label_ids is not None else [L.IDS[name] for name in L.MAIN_CLASSES]
+    scores = {}
+    for label in label_ids:
+        union = np.logical_or(predicted == label, target == label).sum()
+        scores[L.NAMES[label]] = float(np.logical_and(predicted == label, target == label).sum() / union) if union else float("nan")
+    return scores

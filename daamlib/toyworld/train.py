@@ -1,0 +1,378 @@
+"""Train the toy urban world's text-to-image model and its annotator from scratch.
+
+    python -m daamlib.toyworld.train                  # all stages, defaults below
+    python -m daamlib.toyworld.train --stages unet    # one stage (earlier stages' outputs must exist)
+
+Stages, in order: ``data`` (render the training and held-out scenes), ``vae`` (the autoencoder),
+``annotator`` (the ground-truth segmenter, trained on renders and on their VAE reconstructions),
+``unet`` (UNet and CLIP text encoder together, on cached latents, with an EMA copy). Every stage is
+seeded and resumable: checkpoints are written atomically to the work directory, and a killed run
+continues from its last checkpoint when started again with the same arguments. The pipeline is
+exported with ``save_pretrained`` (fp16 safetensors) at every export interval and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from ..models import data_dir, default_device, toy_model_dir
+from . import labels as L
+from .annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
+from .architecture import ToyArchitecture, build_text_encoder, build_unet, build_vae, inference_scheduler, training_scheduler
+from .dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
+from .tokenizer import build_clip_tokenizer
+
+STAGES = ("data", "vae", "annotator", "unet")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: Path = field(default_factory=toy_model_dir)
+    work_dir: Path = field(default_factory=lambda: data_dir() / "training" / "toy-urban")
+    architecture: ToyArchitecture = field(default_factory=ToyArchitecture)
+    seed: int = 0
+    num_scenes: int = 8000
+    num_held_out: int = 256
+    vae_steps: int = 1000
+    annotator_steps: int = 1500
+    unet_steps: int = 3500
+    batch_size: int = 32
+    vae_learning_rate: float = 5e-4
+    annotator_learning_rate: float = 2e-3
+    unet_learning_rate: float = 5e-4
+    caption_dropout: float = 0.1  # empty prompts, for classifier-free guidance
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    checkpoint_every: int = 100
+    export_every: int = 500
+    device: str = field(default_factory=lambda: default_device().type)
+    progress: bool = True
+
+    @property
+    def scenes_path(self) -> Path:
+        return self.work_dir / "scenes.npz"
+
+    @property
+    def held_out_path(self) -> Path:
+        return self.work_dir / "held_out.npz"
+
+    @property
+    def vae_dir(self) -> Path:
+        return self.work_dir / "vae"
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _atomic_torch_save(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(state, temporary)
+    temporary.replace(path)
+
+
+def _load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+
+
+def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
+    """The randomness of one step depends only on (seed, stage, step): resuming replays it exactly."""
+    state = np.random.SeedSequence([seed, STAGES.index(stage), step]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def _batch_images(scenes: SceneSet, indices: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images float [B, 3, S, S] in [-1, 1] and labels long [B, S, S], horizontally flipped where ``flips``."""
+    images = torch.from_numpy(scenes.images[indices.numpy()]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = torch.from_numpy(scenes.labels[indices.numpy()]).long()
+    images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+    labels = torch.where(flips[:, None, None], labels.flip(-1), labels)
+    return images, labels
+
+
+def _warmup_cosine(step: int, total: int, warmup: int = 100, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class _Stage:
+    """A resumable training loop: ``step_fn(step, generator) -> loss`` over ``total`` steps."""
+
+    def __init__(self, name: str, config: TrainConfig, modules: dict[str, torch.nn.Module], optimizer, total: int,
+                 learning_rate: float, extra_state: dict | None = None) -> None:
+        self.name, self.config, self.modules, self.optimizer, self.total = name, config, modules, optimizer, total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total))
+        self.extra_state = extra_state or {}
+        self.path = config.work_dir / f"{name}.ckpt"
+        self.losses: list[float] = []
+        self.step = 0
+        self.seconds = 0.0
+        checkpoint = _load_checkpoint(self.path)
+        if checkpoint is not None:
+            for key, module in modules.items():
+                module.load_state_dict(checkpoint["modules"][key])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            for key, module in self.extra_state.items():
+                module.load_state_dict(checkpoint["extra"][key])
+            self.step, self.losses, self.seconds = checkpoint["step"], checkpoint["losses"], checkpoint["seconds"]
+
+    def save(self) -> None:
+        _atomic_torch_save({
+            "modules": {key: module.state_dict() for key, module in self.modules.items()},
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "extra": {key: module.state_dict() for key, module in self.extra_state.items()},
+            "step": self.step, "losses": self.losses, "seconds": self.seconds,
+        }, self.path)
+
+    def run(self, step_fn, after_step=None, on_checkpoint=None) -> None:
+        bar = tqdm(total=self.total, initial=self.step, desc=self.name, disable=not self.config.progress)
+        started = time.perf_counter() - self.seconds
+        while self.step < self.total:
+            loss = step_fn(self.step, _step_generator(self.config.seed, self.name, self.step))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            if after_step is not None:
+                after_step()
+            self.losses.append(float(loss.detach()))
+            self.step += 1
+            self.seconds = time.perf_counter() - started
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+            if self.step % self.config.checkpoint_every == 0 or self.step == self.total:
+                self.save()
+                if on_checkpoint is not None:
+                    on_checkpoint(self.step)
+        bar.close()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+# -- stages --------------------------------------------------------------------------------------
+def train_data(config: TrainConfig) -> None:
+    size = config.architecture.image_size
+    if not config.scenes_path.exists():
+        render_scene_set(config.num_scenes, size, first_seed=0, progress=config.progress).save(config.scenes_path)
+    if not config.held_out_path.exists():
+        render_scene_set(config.num_held_out, size, HELD_OUT_FIRST_SEED, progress=config.progress).save(config.held_out_path)
+
+
+def train_vae(config: TrainConfig) -> AutoencoderKL:
+    if (config.vae_dir / "config.json").exists():
+        return AutoencoderKL.from_pretrained(config.vae_dir)
+    torch.manual_seed(config.seed)
+    scenes = SceneSet.load(config.scenes_path)
+    vae = build_vae(config.architecture).to(config.device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
+    stage = _Stage("vae", config, {"vae": vae}, optimizer, config.vae_steps, config.vae_learning_rate)
+
+    def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        indices = torch.randint(len(scenes), (config.batch_size,), generator=generator)
+        images, _ = _batch_images(scenes, indices, torch.rand(config.batch_size, generator=generator) < 0.5)
+        images = images.to(config.device)
+        posterior = vae.encode(images).latent_dist
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(config.device)
+        reconstruction = vae.decode(posterior.mean + posterior.std * noise).sample
+        kl = posterior.kl().mean() / images[0].numel()
+        return F.l1_loss(reconstruction, images) + F.mse_loss(reconstruction, images) + 1e-4 * kl
+
+    stage.run(step_fn)
+    vae.eval()
+    latents = _encode(vae, scenes.images[: 512], config.device)[0]
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.to("cpu").save_pretrained(config.vae_dir)
+    _write_json(config.work_dir / "vae_report.json", {"steps": stage.step, "seconds": stage.seconds,
+                                                      "final_loss": float(np.mean(stage.losses[-50:])),
+                                                      "scaling_factor": vae.config.scaling_factor})
+    return vae
+
+
+@torch.no_grad()
+def _encode(vae: AutoencoderKL, images: np.ndarray, device: str, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations [N, C, s, s] of uint8 images [N, S, S, 3]."""
+    means, stds = [], []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
+    torch.manual_seed(config.seed)
+    scenes, held_out = SceneSet.load(config.scenes_path), SceneSet.load(config.held_out_path)
+    vae = vae.to(config.device).eval().requires_grad_(False)
+    net = SegmentationNet().to(config.device).train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.annotator_learning_rate)
+    stage = _Stage("annotator", config, {"net": net}, optimizer, config.annotator_steps, config.annotator_learning_rate)
+    channel_of_label = torch.zeros(256, dtype=torch.long)
+    channel_of_label[list(LABEL_IDS)] = torch.arange(len(LABEL_IDS))
+
+    def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        batch = config.batch_size
+        indices = torch.randint(len(scenes), (batch,), generator=generator)
+        images, labels = _batch_images(scenes, indices, torch.rand(batch, generator=generator) < 0.5)
+        images = images.to(config.device)
+        with torch.no_grad():  # half of each batch as the VAE decodes it: the look of generated images
+            reconstructed = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+        use_reconstruction = (torch.rand(batch, generator=generator) < 0.5).to(config.device)
+        images = torch.where(use_reconstruction[:, None, None, None], reconstructed, images)
+        images = images + 0.03 * torch.rand(batch, 1, 1, 1, generator=generator).to(config.device) * torch.randn(
+            images.shape, generator=generator).to(config.device)
+        return F.cross_entropy(net(images), channel_of_label[labels].to(config.device))
+
+    stage.run(step_fn)
+    annotator = Annotator(net.to("cpu"), "cpu")
+    predicted = annotator(held_out.images)
+    scores = dataset_iou(predicted, held_out.labels)
+    report = {"steps": stage.step, "seconds": stage.seconds, "held_out_scenes": len(held_out),
+              "iou": scores, "miou": float(np.nanmean(list(scores.values())))}
+    annotator.save_pretrained(config.work_dir / "annotator")
+    if (config.output_dir / "model_index.json").exists():
+        annotator.save_pretrained(config.output_dir / "annotator")
+    _write_json(config.work_dir / "annotator_report.json", report)
+    return report
+
+
+def _token_ids(tokenizer, captions: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
+    for text in captions:
+        if text not in cache:
+            cache[text] = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return torch.tensor([cache[text] for text in captions])
+
+
+def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
+    torch.manual_seed(config.seed)
+    arch = config.architecture
+    scenes = SceneSet.load(config.scenes_path)
+    tokenizer = build_clip_tokenizer()
+    latents_path = config.work_dir / "latents.pt"
+    if not latents_path.exists():  # posteriors of every scene and of its mirror image
+        vae = vae.to(config.device).eval()
+        means, stds = _encode(vae, scenes.images, config.device)
+        flipped_means, flipped_stds = _encode(vae, np.ascontiguousarray(scenes.images[:, :, ::-1]), config.device)
+        _atomic_torch_save({"means": torch.stack([means, flipped_means]), "stds": torch.stack([stds, flipped_stds])}, latents_path)
+    posteriors = torch.load(latents_path)
+    scaling = vae.config.scaling_factor
+    unet, text_encoder = build_unet(arch).to(config.device).train(), build_text_encoder(arch, tokenizer).to(config.device).train()
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    ema = torch.optim.swa_utils.AveragedModel(models, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
+    optimizer = torch.optim.AdamW(models.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
+    stage = _Stage("unet", config, {"models": models}, optimizer, config.unet_steps, config.unet_learning_rate, {"ema": ema})
+    noise_scheduler = training_scheduler()
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    token_cache: dict[str, list[int]] = {}
+
+    def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        batch = config.batch_size
+        indices = torch.randint(len(scenes), (batch,), generator=generator)
+        flips = (torch.rand(batch, generator=generator) < 0.5).long()
+        mean, std = posteriors["means"][flips, indices], posteriors["stds"][flips, indices]
+        latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        choice = torch.randint(len(scenes.captions[0]), (batch,), generator=generator)
+        dropped = torch.rand(batch, generator=generator) < config.caption_dropout
+        captions = ["" if drop else scenes.captions[i][c] for i, c, drop in zip(indices.tolist(), choice.tolist(), dropped.tolist())]
+        ids = _token_ids(tokenizer, captions, token_cache).to(config.device)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        context = text_encoder(ids).last_hidden_state
+        prediction = unet(noisy.to(config.device), timesteps.to(config.device), context).sample
+        weights = (torch.clamp(snr[timesteps], max=config.min_snr_gamma) / snr[timesteps]).to(config.device)
+        per_sample = F.mse_loss(prediction, noise.to(config.device), reduction="none").mean(dim=(1, 2, 3))
+        loss = (weights * per_sample).mean()
+        return loss
+
+    def after_step_checkpoint(step: int) -> None:
+        if step % config.export_every == 0 or step == config.unet_steps:
+            export_pipeline(config, ema.module, vae, tokenizer, stage)
+
+    stage.run(step_fn, after_step=lambda: ema.update_parameters(models), on_checkpoint=after_step_checkpoint)
+
+
+def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: AutoencoderKL, tokenizer, stage: _Stage) -> Path:
+    """Write the pipeline (fp16 safetensors) and the annotator to ``output_dir``, replacing it atomically."""
+    import copy
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to("cpu"), text_encoder=copy.deepcopy(models["text_encoder"]).to("cpu"), tokenizer=tokenizer,
+        unet=copy.deepcopy(models["unet"]).to("cpu"), scheduler=inference_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).to(dtype=torch.float16)
+    output = Path(config.output_dir)
+    staging = output.with_name(output.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    if (config.work_dir / "annotator").exists():
+        shutil.copytree(config.work_dir / "annotator", staging / "annotator")
+    reports = {name: json.loads((config.work_dir / f"{name}_report.json").read_text())
+               for name in ("vae", "annotator") if (config.work_dir / f"{name}_report.json").exists()}
+    reports["unet"] = {"steps": stage.step, "of_steps": stage.total, "seconds": stage.seconds,
+                       "final_loss": float(np.mean(stage.losses[-100:]))}
+    _write_json(staging / "training.json", {"config": asdict(config), "device": config.device,
+                                             "torch": torch.__version__, "reports": reports})
+    previous = output.with_name(output.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    if output.exists():
+        output.replace(previous)
+    staging.replace(output)
+    shutil.rmtree(previous, ignore_errors=True)
+    return output
+
+
+def train(config: TrainConfig, stages=STAGES) -> None:
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    if "data" in stages:
+        train_data(config)
+    vae = train_vae(config) if {"vae", "annotator", "unet"} & set(stages) else None
+    if "annotator" in stages:
+        train_annotator(config, vae)
+    if "unet" in stages:
+        train_unet(config, vae)
+
+
+def main(argv=None) -> None:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
+    parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
+    for name in ("seed", "num_scenes", "num_held_out", "vae_steps", "annotator_steps", "unet_steps", "batch_size",
+                 "checkpoint_every", "export_every"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument("--image-size", type=int, default=defaults.architecture.image_size)
+    parser.add_argument("--device", default=defaults.device)
+    args = parser.parse_args(argv)
+    config = TrainConfig(
+        output_dir=args.output_dir, work_dir=args.work_dir, architecture=ToyArchitecture(image_size=args.image_size),
+        seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
+        annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
+        checkpoint_every=args.checkpoint_every, export_every=args.export_every, device=args.device,
+    )
+    train(config, args.stages)
+
+
+if __name__ == "__main__":
+    main()
