@@ -1,0 +1,60 @@
+"""Matplotlib figures of heatmaps and curves (thesis Figs. 3.1, 4.2-4.5)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .metrics import curve_bands, normalize, thresholds, to_mask_resolution
+
+
+def heatmap_at_image(heatmap: torch.Tensor, image_shape: Sequence[int]) -> np.ndarray:
+    """A latent-resolution heatmap [h, w] upsampled to the image and scaled to [0, 1].  [H, W]"""
+    return normalize(to_mask_resolution(heatmap, image_shape[:2])).numpy()
+
+
+def overlay(ax, image: np.ndarray, heatmap: torch.Tensor | None = None, title: str | None = None,
+            mask: np.ndarray | None = None, alpha: float = 0.5, cmap: str = "jet") -> None:
+    """Draw ``image`` with a heatmap and/or a mask outline on ``ax``."""
+    ax.imshow(image)
+    if heatmap is not None:
+        ax.imshow(heatmap_at_image(heatmap, image.shape), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
+    if mask is not None and np.any(mask):
+        ax.contour(np.asarray(mask, dtype=float), levels=[0.5], colors="white", linewidths=1)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def token_grid(image: np.ndarray, maps: Mapping[str, torch.Tensor], columns: int = 6, size: float = 2.0):
+    """The image followed by one overlay per label (thesis Fig. 3.1). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(maps)
+    rows = -(-panels // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    overlay(axes.flat[0], image, title="image")
+    for ax, (label, heatmap) in zip(axes.flat[1:], maps.items()):
+        overlay(ax, image, heatmap, title=label)
+    figure.tight_layout()
+    return figure
+
+
+def miou_curves(ax, curves: Mapping[str, np.ndarray], title: str | None = None, bands: bool = True) -> None:
+    """mIoU(τ) per class with 5th/95th-percentile bands (thesis Fig. 4.3)."""
+    for name, per_image in curves.items():
+        taus = thresholds(per_image.shape[1])
+        band = curve_bands(per_image)
+        line, = ax.plot(taus, band["mean"], label=name)
+        if bands:
+            ax.fill_between(taus, band["low"], band["high"], color=line.get_color(), alpha=0.15)
+    ax.set_xlabel("τ")
+    ax.set_ylabel("mIoU")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)

@@ -1,0 +1,77 @@
+"""The toy model's training script: every stage runs, checkpoints resume exactly, the export loads."""
+
+import numpy as np
+import pytest
+import torch
+
+from daamlib.models import load_pipeline
+from daamlib.toyworld import labels as L
+from daamlib.toyworld import train as T
+from daamlib.toyworld.annotator import Annotator
+from daamlib.toyworld.architecture import ToyArchitecture
+from daamlib.toyworld.dataset import reduce_scene
+from daamlib.toyworld.render import Scene
+
+TINY = ToyArchitecture(image_size=32, vae_channels=(16, 16), unet_channels=(16, 32, 32), text_hidden_size=32)
+
+
+def tiny_config(tmp_path, **overrides) -> T.TrainConfig:
+    settings = dict(output_dir=tmp_path / "model", work_dir=tmp_path / "work", architecture=TINY, num_scenes=8,
+                    num_held_out=4, vae_steps=2, annotator_steps=2, unet_steps=2, batch_size=2, checkpoint_every=1,
+                    export_every=2, device="cpu", progress=False)
+    settings.update(overrides)
+    return T.TrainConfig(**settings)
+
+
+def test_reduce_scene_averages_pixels_and_takes_the_majority_label():
+    image = np.zeros((4, 4, 3), np.uint8)
+    image[:2, :2] = [200, 100, 0]
+    image[0, 0] = [0, 0, 0]
+    labels = np.full((4, 4), L.ROAD, np.uint8)
+    labels[:2, :2] = L.CAR
+    labels[0, 0] = L.ROAD  # one of four pixels: the block stays car
+    reduced_image, reduced_labels = reduce_scene(Scene(image, labels, "car"), 2)
+    assert reduced_image[0, 0].tolist() == [150, 75, 0]
+    assert reduced_labels.tolist() == [[L.CAR, L.ROAD], [L.ROAD, L.ROAD]]
+
+
+def test_two_steps_of_every_stage_run_and_export_a_loadable_pipeline(tmp_path):
+    config = tiny_config(tmp_path)
+    T.train(config)
+    for stage in ("vae", "annotator", "unet"):
+        assert torch.load(config.work_dir / f"{stage}.ckpt", weights_only=False)["step"] == 2
+    pipe = load_pipeline(config.output_dir, device="cpu", progress_bar=False)
+    assert pipe.unet.config.sample_size == TINY.latent_size
+    image = pipe("a car in an urban environment", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (TINY.image_size, TINY.image_size, 3)
+    labels = Annotator.from_pretrained(config.output_dir / "annotator")(np.uint8(image * 255))
+    assert labels.shape == (1, TINY.image_size, TINY.image_size) and set(np.unique(labels)) <= set(L.NAMES)
+
+
+def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight = tiny_config(tmp_path / "straight", vae_steps=4)
+    T.train(straight, stages=("data", "vae"))
+    expected = torch.load(straight.work_dir / "vae.ckpt", weights_only=False)["modules"]["vae"]
+
+    interrupted = tiny_config(tmp_path / "interrupted", vae_steps=4)
+    save = T._Stage.save
+
+    def save_then_die(stage):
+        save(stage)
+        if stage.step == 2:
+            raise KeyboardInterrupt  # killed right after the checkpoint of step 2
+
+    monkeypatch.setattr(T._Stage, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(interrupted, stages=("data", "vae"))
+    monkeypatch.setattr(T._Stage, "save", save)
+    T.train(interrupted, stages=("vae",))
+    resumed = torch.load(interrupted.work_dir / "vae.ckpt", weights_only=False)
+    assert resumed["step"] == 4
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed["modules"]["vae"][name], tensor, rtol=0, atol=0)
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown stages"):
+        T.train(tiny_config(tmp_path), stages=("vae", "decoder"))
