@@ -58,3 +58,26 @@ def miou_curves(ax, curves: Mapping[str, np.ndarray], title: str | None = None, 
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
+
+
+def examples_grid(dataset, methods: Mapping, per_class: int = 2, seeds: Mapping[str, Sequence[int]] | None = None,
+                  size: float = 1.8):
+    """Rows: ``per_class`` images of each class; columns: ground truth, then one overlay per method
+    (thesis Figs. 4.2 and 4.9). ``methods`` maps a label to ``fn(record, row) -> heatmap``."""
+    import matplotlib.pyplot as plt
+
+    chosen = []
+    for class_name in dataset.classes:
+        rows = dataset.rows(class_name)
+        if seeds is not None and class_name in seeds:
+            rows = rows[rows["seed"].isin(list(seeds[class_name]))]
+        chosen += [row for _, row in rows.head(per_class).iterrows()]
+    columns = 1 + len(methods)
+    figure, axes = plt.subplots(len(chosen), columns, figsize=(size * columns, size * len(chosen)), squeeze=False)
+    for r, row in enumerate(chosen):
+        image, record = dataset.image(row), dataset.record(row)
+        overlay(axes[r, 0], image, mask=dataset.mask(row), title=f"{row['class_name']} #{row['seed']} (GT)")
+        for c, (label, method) in enumerate(methods.items(), 1):
+            overlay(axes[r, c], image, method(record, row), mask=dataset.mask(row), title=label)
+    figure.tight_layout()
+    return figure

@@ -95,3 +95,15 @@ def test_word_not_in_prompt_points_to_open_vocabulary(pipe):
         daamlib.daam(record, "car", mode="daam-0.2")
     with pytest.raises(KeyError, match="queries=True"):
         daamlib.openvocab(record, "a bicycle", "bicycle", pipe=pipe)
+
+
+def test_vector_contexts_in_a_rerun_equal_openvocab_maps_from_the_query_cache(pipe):
+    torch.manual_seed(2)
+    vectors = torch.randn(2, 32)  # e.g. an optimized object token and a background token
+    _, cached = generate(pipe, queries=True, query_dtype=torch.float32)
+    _, rerun = generate(pipe, contexts={"optimized": vectors})
+    assert rerun.meta.contexts["optimized"] == ["optimized[0]", "optimized[1]"]
+    expected = daamlib.openvocab_maps(cached, vectors, pipe)
+    assert torch.allclose(daamlib.openvocab(rerun, "optimized"), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"vectors \[m, d_text\]"):
+        generate(pipe, contexts={"bad": torch.randn(32)})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -195,9 +195,17 @@ def _image_size(pipe, latent_size: tuple[int, int]) -> tuple[int, int] | None:
     return None if scale is None else (latent_size[0] * scale, latent_size[1] * scale)
 
 
-def _encode_contexts(pipe, phrases: Iterable[str], include_padding: bool) -> dict[str, ContextKeys]:
+def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], include_padding: bool) -> dict[str, ContextKeys]:
     from ..text import TextEncoder
 
+    if isinstance(phrases, Mapping):  # named conditioning vectors, e.g. optimized tokens
+        contexts = {}
+        for name, vectors in phrases.items():
+            vectors = torch.as_tensor(vectors).detach().float()
+            if vectors.ndim != 2:
+                raise ValueError(f"context {name!r} must be vectors [m, d_text]; got shape {tuple(vectors.shape)}")
+            contexts[name] = ContextKeys(embeddings=vectors, token_strings=[f"{name}[{i}]" for i in range(len(vectors))])
+        return contexts
     encoder = TextEncoder(pipe)
     contexts = {}
     for phrase in phrases:
@@ -225,7 +233,7 @@ def trace(
     query_device: str = "cpu",
     linear: bool = False,
     self_attention: bool = False,
-    contexts: Sequence[str] = (),
+    contexts: Sequence[str] | Mapping[str, torch.Tensor] = (),
     context_padding: bool = False,
     upsample: str = "bilinear",
     branch: str = "cond",
@@ -241,7 +249,8 @@ def trace(
             open-vocabulary maps of any phrase later.
         linear: record the collapsed linear-DAAM matrix (memory independent of the step count).
         self_attention: record last-step per-head self-attention outputs of the up blocks (PCC).
-        contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path);
+        contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path), or
+            named conditioning vectors {name: [m, d_text]} such as optimized tokens;
             ``context_padding`` also attaches their padding tokens.
         upsample: "bilinear" or "bicubic", used to collapse the linear matrix.
         branch: "cond" (default) or "uncond" half of classifier-free guidance.

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..methods import daam, linear
-from ..metrics import iou_curve, thresholds
+from ..methods import daam, linear, openvocab
+from ..metrics import iou_curve, summarize, thresholds
 from ..optimize import OptimizedTokens, heatmaps
 from ..record import Record
 from .dataset import ThesisDataset
@@ -17,8 +20,46 @@ from .dataset import ThesisDataset
 HeatmapFn = Callable[[Record, pd.Series], torch.Tensor]  # (record, manifest row) -> [H, W]
 
 
+@dataclass
+class Curves:
+    """Per-image IoU(τ) curves by class: ``iou[class]`` is [images, taus]; ``seeds[class]`` names the images."""
+
+    iou: dict[str, np.ndarray]
+    seeds: dict[str, list[int]]
+
+    def without_seeds(self, seeds_by_class: dict[str, set[int]]) -> "Curves":
+        iou, seeds = {}, {}
+        for name, curves in self.iou.items():
+            keep = [i for i, seed in enumerate(self.seeds[name]) if seed not in seeds_by_class.get(name, set())]
+            iou[name], seeds[name] = curves[keep], [self.seeds[name][i] for i in keep]
+        return Curves(iou, seeds)
+
+    def only_seeds(self, seeds_by_class: dict[str, set[int]]) -> "Curves":
+        excluded = {name: set(self.seeds[name]) - set(seeds_by_class.get(name, set())) for name in self.iou}
+        return self.without_seeds(excluded)
+
+    def summary(self) -> pd.DataFrame:
+        return summarize(self.iou)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, seeds=json.dumps(self.seeds), **{f"iou/{name}": value for name, value in self.iou.items()})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Curves":
+        with np.load(path) as data:
+            seeds = json.loads(str(data["seeds"]))
+            return cls({name: data[f"iou/{name}"] for name in seeds}, seeds)
+
+
 def heatmap_method(name: str, tokens: dict[str, OptimizedTokens] | None = None, pipe=None) -> HeatmapFn:
-    """A heatmap function by name: "daam", "linear", or "optimized" (``tokens`` per class)."""
+    """A heatmap function by name: "daam", "linear", or "optimized" (``tokens`` per class).
+
+    Optimized tokens use the record's re-run context named after the class when there is one
+    (``trace(contexts={class_name: vectors})``), else the linear matrix or the query cache.
+    """
     if name == "daam":
         return lambda record, row: daam(record, row["word"])
     if name == "linear":
@@ -29,33 +70,25 @@ def heatmap_method(name: str, tokens: dict[str, OptimizedTokens] | None = None, 
 
         def optimized(record: Record, row) -> torch.Tensor:
             found = tokens[row["class_name"]]
+            if found.variant == "softmax" and row["class_name"] in record.contexts:
+                return openvocab(record, row["class_name"])[0]
             return heatmaps(record, found.vectors, found.variant, pipe)[0]
 
         return optimized
     raise ValueError(f"unknown method {name!r}; use 'daam', 'linear' or 'optimized'")
 
 
-def class_curves(
-    dataset: ThesisDataset,
-    method: HeatmapFn,
-    taus: np.ndarray | None = None,
-    exclude: dict[str, set[int]] | None = None,
-) -> dict[str, np.ndarray]:
-    """Per class, the IoU(τ) curve of every image: {class: [images, taus]}.
-
-    ``exclude[class]`` lists seeds to leave out (e.g. the images a token was trained on).
-    """
+def class_curves(dataset: ThesisDataset, method: HeatmapFn, taus: np.ndarray | None = None,
+                 records: Callable[[pd.Series], Record] | None = None) -> Curves:
+    """IoU(τ) of every image of every class. ``records`` overrides how a row's record is loaded."""
     taus = thresholds() if taus is None else taus
-    curves = {}
+    load = records or dataset.record
+    iou, seeds = {}, {}
     for class_name in dataset.classes:
         rows = dataset.rows(class_name)
-        skipped = (exclude or {}).get(class_name, set())
-        per_image = [
-            iou_curve(method(dataset.record(row), row), dataset.mask(row), taus)
-            for _, row in rows.iterrows() if int(row["seed"]) not in skipped
-        ]
-        curves[class_name] = np.stack(per_image)
-    return curves
+        iou[class_name] = np.stack([iou_curve(method(load(row), row), dataset.mask(row), taus) for _, row in rows.iterrows()])
+        seeds[class_name] = [int(seed) for seed in rows["seed"]]
+    return Curves(iou, seeds)
 
 
 def prompt_fidelity(shares: pd.DataFrame, min_share: float = 0.01) -> pd.Series:

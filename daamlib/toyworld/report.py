@@ -20,9 +20,8 @@ import torch
 
 from ..experiments import build_dataset, class_curves, heatmap_method, prompt_fidelity
 from ..experiments.dataset import ThesisDataset, annotate_toy_dataset
-from ..metrics import summarize
 from ..models import data_dir, load_pipeline, toy_model_dir
-from ..plotting import heatmap_at_image, overlay
+from ..plotting import examples_grid, heatmap_at_image
 from ..methods import daam
 from . import labels as L
 from .annotator import Annotator
@@ -44,22 +43,13 @@ def attention_mass_by_label(dataset: ThesisDataset) -> pd.DataFrame:
     return pd.DataFrame(rows).groupby("class_name", sort=False).mean()
 
 
-def examples_figure(dataset: ThesisDataset, path: Path, per_class: int = 4) -> None:
-    """Per class, ``per_class`` images: image, GT mask, DAAM overlay."""
+def examples_figure(dataset: ThesisDataset, path: Path, per_class: int = 3) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = dataset.classes
-    figure, axes = plt.subplots(len(classes), 3 * per_class, figsize=(1.6 * 3 * per_class, 1.8 * len(classes)))
-    for r, class_name in enumerate(classes):
-        for c, (_, row) in enumerate(dataset.rows(class_name).head(per_class).iterrows()):
-            image, mask = dataset.image(row), dataset.mask(row)
-            overlay(axes[r, 3 * c], image, title=f"{class_name} #{row['seed']}")
-            overlay(axes[r, 3 * c + 1], np.uint8(mask)[..., None].repeat(3, -1) * 255, title="GT")
-            overlay(axes[r, 3 * c + 2], image, daam(dataset.record(row), row["word"]), title=f"DAAM '{row['word']}'")
-    figure.tight_layout()
+    figure = examples_grid(dataset, {"DAAM": heatmap_method("daam")}, per_class=per_class)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -71,7 +61,7 @@ def measure(seeds: int, dataset_dir: Path, figure_path: Path) -> dict:
     annotator = Annotator.from_pretrained(toy_model_dir() / "annotator")
     shares = annotate_toy_dataset(dataset, annotator)
     fidelity = prompt_fidelity(shares)
-    table = summarize(class_curves(dataset, heatmap_method("daam")))
+    table = class_curves(dataset, heatmap_method("daam")).summary()
     mass = attention_mass_by_label(dataset)
     examples_figure(dataset, figure_path)
     return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares}

@@ -45,9 +45,9 @@ class TrainConfig:
     seed: int = 0
     num_scenes: int = 8000
     num_held_out: int = 256
-    vae_steps: int = 1000
-    annotator_steps: int = 1500
-    unet_steps: int = 3500
+    vae_steps: int = 400
+    annotator_steps: int = 1000
+    unet_steps: int = 3000
     batch_size: int = 32
     vae_learning_rate: float = 5e-4
     annotator_learning_rate: float = 2e-3
