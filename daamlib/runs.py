@@ -67,6 +67,7 @@ def load_preset(name_or_path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"no preset {name_or_path!r}; available: {available}")
     preset = yaml.safe_load(path.read_text()) or {}
     preset["name"] = path.stem
+    preset["source"] = str(name_or_path)
     notebooks = preset.get("notebooks")
     if not notebooks:
         raise ValueError(f"preset {path} lists no notebooks")
@@ -132,7 +133,7 @@ def run_preset(preset_name: str, run_dir: Path | None = None, progress: bool = T
             raise NotebookFailed(
                 f"notebook {notebook} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                 f"The executed notebook with the traceback is {output}. Fix the cause, then resume with\n"
-                f"    python -m daamlib.runs {preset['name']} --resume {run_dir}"
+                f"    python -m daamlib.runs {preset['source']} --resume {run_dir}"
             ) from None
         results_path = run_dir / "results" / f"{notebook}.json"
         if not results_path.exists():

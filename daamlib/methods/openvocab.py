@@ -68,8 +68,14 @@ def openvocab_maps(
 ) -> torch.Tensor:
     """Softmax maps over the keys made from ``key_embeddings`` [m, d_text] -> [m, H, W].
 
-    Uses every cached (layer, step) query; differentiable in ``key_embeddings``.
+    Uses every cached (layer, step) query; differentiable in ``key_embeddings`` when they require
+    grad (the model's own weights never get gradients here).
     """
+    with torch.set_grad_enabled(key_embeddings.requires_grad):
+        return _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample)
+
+
+def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> torch.Tensor:
     layer_names = {layer for layer, _ in record.queries}
     chosen = chosen_layers(record, layers, layer_names)
     chosen_names = {layer.name for layer in chosen}

@@ -121,3 +121,12 @@ def dataset_iou(predicted: np.ndarray, target: np.ndarray, label_ids=None) -> di
         union = np.logical_or(predicted == label, target == label).sum()
         scores[L.NAMES[label]] = float(np.logical_and(predicted == label, target == label).sum() / union) if union else float("nan")
     return scores
+
+
+def find_annotator(model: str | Path | None) -> Path | None:
+    """The annotator shipped beside a toy-world model (``None`` = the embedded one), or ``None``."""
+    from ..models import toy_model_dir
+
+    directory = toy_model_dir() if model is None else Path(model)
+    candidate = directory / "annotator"
+    return candidate if (candidate / WEIGHTS_NAME).exists() else None

@@ -45,10 +45,11 @@ class TrainConfig:
     seed: int = 0
     num_scenes: int = 8000
     num_held_out: int = 256
-    vae_steps: int = 400
+    vae_steps: int = 1600
     annotator_steps: int = 1000
-    unet_steps: int = 3000
+    unet_steps: int = 2500
     batch_size: int = 32
+    vae_batch_size: int = 16
     vae_learning_rate: float = 5e-4
     annotator_learning_rate: float = 2e-3
     unet_learning_rate: float = 5e-4
@@ -184,8 +185,8 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     stage = _Stage("vae", config, {"vae": vae}, optimizer, config.vae_steps, config.vae_learning_rate)
 
     def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
-        indices = torch.randint(len(scenes), (config.batch_size,), generator=generator)
-        images, _ = _batch_images(scenes, indices, torch.rand(config.batch_size, generator=generator) < 0.5)
+        indices = torch.randint(len(scenes), (config.vae_batch_size,), generator=generator)
+        images, _ = _batch_images(scenes, indices, torch.rand(config.vae_batch_size, generator=generator) < 0.5)
         images = images.to(config.device)
         posterior = vae.encode(images).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=generator).to(config.device)
@@ -216,10 +217,24 @@ def _encode(vae: AutoencoderKL, images: np.ndarray, device: str, batch_size: int
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def _reconstruct(vae: AutoencoderKL, images: np.ndarray, device: str, batch_size: int = 128) -> np.ndarray:
+    """uint8 images [N, S, S, 3] as the VAE decodes their posterior means: the look of generated images."""
+    decoded = []
+    for start in tqdm(range(0, len(images), batch_size), desc="VAE reconstructions", leave=False):
+        pixels = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        output = vae.decode(vae.encode(pixels.to(device)).latent_dist.mean).sample.clamp(-1, 1)
+        decoded.append(((output + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(decoded)
+
+
 def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     torch.manual_seed(config.seed)
     scenes, held_out = SceneSet.load(config.scenes_path), SceneSet.load(config.held_out_path)
-    vae = vae.to(config.device).eval().requires_grad_(False)
+    reconstructions_path = config.work_dir / "reconstructions.npy"
+    if not reconstructions_path.exists():
+        np.save(reconstructions_path, _reconstruct(vae.to(config.device).eval(), scenes.images, config.device))
+    reconstructed = SceneSet(np.load(reconstructions_path), scenes.labels, scenes.classes, scenes.seeds, scenes.captions)
     net = SegmentationNet().to(config.device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.annotator_learning_rate)
     stage = _Stage("annotator", config, {"net": net}, optimizer, config.annotator_steps, config.annotator_learning_rate)
@@ -229,15 +244,14 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         batch = config.batch_size
         indices = torch.randint(len(scenes), (batch,), generator=generator)
-        images, labels = _batch_images(scenes, indices, torch.rand(batch, generator=generator) < 0.5)
-        images = images.to(config.device)
-        with torch.no_grad():  # half of each batch as the VAE decodes it: the look of generated images
-            reconstructed = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
-        use_reconstruction = (torch.rand(batch, generator=generator) < 0.5).to(config.device)
-        images = torch.where(use_reconstruction[:, None, None, None], reconstructed, images)
-        images = images + 0.03 * torch.rand(batch, 1, 1, 1, generator=generator).to(config.device) * torch.randn(
-            images.shape, generator=generator).to(config.device)
-        return F.cross_entropy(net(images), channel_of_label[labels].to(config.device))
+        flips = torch.rand(batch, generator=generator) < 0.5
+        images, labels = _batch_images(scenes, indices, flips)
+        decoded, _ = _batch_images(reconstructed, indices, flips)
+        use_reconstruction = torch.rand(batch, generator=generator) < 0.5  # half of each batch as the VAE decodes it
+        images = torch.where(use_reconstruction[:, None, None, None], decoded, images)
+        noise_level = 0.03 * torch.rand(batch, 1, 1, 1, generator=generator)
+        images = images + noise_level * torch.randn(images.shape, generator=generator)
+        return F.cross_entropy(net(images.to(config.device)), channel_of_label[labels].to(config.device))
 
     stage.run(step_fn)
     annotator = Annotator(net.to("cpu"), "cpu")
@@ -359,7 +373,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
-    for name in ("seed", "num_scenes", "num_held_out", "vae_steps", "annotator_steps", "unet_steps", "batch_size",
+    for name in ("seed", "num_scenes", "num_held_out", "vae_steps", "annotator_steps", "unet_steps", "batch_size", "vae_batch_size",
                  "checkpoint_every", "export_every"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--image-size", type=int, default=defaults.architecture.image_size)
@@ -369,6 +383,7 @@ def main(argv=None) -> None:
         output_dir=args.output_dir, work_dir=args.work_dir, architecture=ToyArchitecture(image_size=args.image_size),
         seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
         annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
+        vae_batch_size=args.vae_batch_size,
         checkpoint_every=args.checkpoint_every, export_every=args.export_every, device=args.device,
     )
     train(config, args.stages)

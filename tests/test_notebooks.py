@@ -1,0 +1,92 @@
+"""Every notebook runs headlessly with the toy-smoke preset, and the numbers it records check out."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daamlib import binarize, daam, iou, normalize
+from daamlib.experiments import ThesisDataset
+from daamlib.metrics import thresholds, to_mask_resolution
+from daamlib.runs import NotebookFailed, load_preset, run_preset
+
+pytest.importorskip("papermill")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return run_preset("toy-smoke", tmp_path_factory.mktemp("toy-smoke"), progress=False)
+
+
+def results(run_dir, notebook):
+    metadata = json.loads((run_dir / f"{notebook}.ipynb").read_text())["metadata"]["daamlib"]
+    assert metadata["status"] == "ok"
+    return metadata["results"]
+
+
+def test_every_notebook_ran_and_the_report_lists_them(run_dir):
+    preset = load_preset("toy-smoke")
+    report = (run_dir / "report.md").read_text()
+    for notebook in preset["notebooks"]:
+        results(run_dir, notebook)
+        assert f"## {notebook}" in report
+    assert (run_dir / "figures" / "02_curves.png").exists()
+
+
+def test_dataset_fidelity_matches_its_masks(run_dir):
+    recorded = results(run_dir, "01_dataset")
+    dataset = ThesisDataset.open(run_dir / "dataset")
+    assert recorded["images"] == len(dataset.manifest) == 12
+    for class_name, value in recorded["prompt_fidelity"].items():
+        shares = [(np.asarray(Image.open(dataset.directory / row["mask"])) > 127).mean()
+                  for _, row in dataset.rows(class_name).iterrows()]
+        assert value == pytest.approx(np.mean(np.array(shares) >= 0.01))
+
+
+def test_daam_baseline_numbers_equal_a_direct_per_threshold_computation(run_dir):
+    recorded = results(run_dir, "02_daam_baseline")
+    dataset = ThesisDataset.open(run_dir / "dataset")
+    taus = thresholds()
+    for class_name in dataset.classes:
+        per_image = []
+        for _, row in dataset.rows(class_name).iterrows():
+            mask = dataset.mask(row)
+            heatmap = normalize(to_mask_resolution(daam(dataset.record(row), row["word"]), mask.shape))
+            per_image.append([iou(binarize(heatmap, tau), mask) for tau in taus])
+        assert recorded["max_miou"][class_name] == pytest.approx(np.mean(per_image, axis=0).max(), abs=1e-6)
+    assert recorded["max_miou"]["All"] == pytest.approx(np.mean([recorded["max_miou"][c] for c in dataset.classes]))
+
+
+def test_later_notebooks_record_numbers_in_range(run_dir):
+    linear = results(run_dir, "03_linear_daam")["max_miou"]
+    optimized = results(run_dir, "04_token_optimization")
+    analysis = results(run_dir, "05_layer_timestep_analysis")
+    summary = results(run_dir, "06_summary")
+    for value in [*linear.values(), *[v for table in optimized.values() for v in table.values()]]:
+        assert 0 <= value <= 100
+    assert set(optimized) == {f"{v} {n} {s}" for v in ("linear", "softmax") for n in (1, 2) for s in ("train", "test")}
+    assert 0 <= analysis["all_layers_all_steps"] <= 1
+    assert set(summary["max_miou"]) == {"DAAM (not optimized)", "Linear DAAM (not optimized)", "DAAM (optimized)",
+                                        "Linear DAAM (optimized)"}
+    # the optimized Linear DAAM column is the 2-image linear token's test score
+    assert summary["max_miou"]["Linear DAAM (optimized)"]["All"] == pytest.approx(optimized["linear 2 test"]["All"], abs=1e-6)
+
+
+def test_a_failing_notebook_stops_with_a_resume_command_and_resume_skips_finished_ones(tmp_path, run_dir):
+    preset = tmp_path / "broken.yaml"
+    preset.write_text("notebooks: [00_quickstart, 02_daam_baseline]\nparameters: {device: cpu, num_inference_steps: 2}\n")
+    with pytest.raises(NotebookFailed, match="--resume"):  # 02 needs the dataset of 01
+        run_preset(preset, tmp_path / "run", progress=False)
+    assert results(tmp_path / "run", "00_quickstart")
+    (tmp_path / "run" / "dataset").symlink_to(run_dir / "dataset")
+    (tmp_path / "run" / "curves").mkdir(exist_ok=True)
+    stamp = (tmp_path / "run" / "00_quickstart.ipynb").stat().st_mtime
+    run_preset(preset, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "00_quickstart.ipynb").stat().st_mtime == stamp
+    assert results(tmp_path / "run", "02_daam_baseline")["max_miou"]
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="toy-full"):
+        load_preset("no-such-preset")
