@@ -47,7 +47,7 @@ class TrainConfig:
     num_held_out: int = 256
     vae_steps: int = 1600
     annotator_steps: int = 1000
-    unet_steps: int = 2500
+    unet_steps: int = 2000
     batch_size: int = 32
     vae_batch_size: int = 16
     vae_learning_rate: float = 5e-4

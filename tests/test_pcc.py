@@ -1,0 +1,47 @@
+"""PCC self-attention segmentation: its pieces on known inputs, and a run on a traced generation."""
+
+import numpy as np
+import pytest
+
+import daamlib
+from daamlib.labels import BACKGROUND, UNCERTAIN
+from daamlib.pcc import PCCConfig, classify_segments, pcc_segment, refine, self_attention_features, split_components
+
+
+def test_disconnected_clusters_are_split():
+    segments = np.array([[0, 0, 1, 0], [0, 0, 1, 0]])
+    assert split_components(segments).max() == 3
+
+
+def test_classification_votes_and_marks_ties_uncertain():
+    car = np.zeros((4, 4))
+    car[:, :2] = 1.0  # the car's map covers the left half
+    background = 1 - car
+    left_right = np.array([[1, 1, 2, 2]] * 4)
+    labels = classify_segments([left_right], {13: car}, background, PCCConfig(thresholds=(0.5,)))
+    assert (labels[:, :2] == 13).all() and (labels[:, 2:] == BACKGROUND).all()
+    # one cluster over everything overlaps car and background equally (IoU 0.5): the tie goes to the
+    # background, so the left half gets one car vote and one background vote → uncertain
+    everything = np.ones((4, 4), int)
+    labels = classify_segments([left_right, everything], {13: car}, background, PCCConfig(thresholds=(0.5,)))
+    assert (labels[:, :2] == UNCERTAIN).all() and (labels[:, 2:] == BACKGROUND).all()
+
+
+def test_refinement_follows_colour_regions():
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, 4:] = 255
+    latent = np.array([[13, 0], [13, 0]], np.uint8)
+    refined = refine(latent, image, PCCConfig(refine_clusters=2))
+    assert (refined[:, :4] == 13).all() and (refined[:, 4:] == BACKGROUND).all()
+
+
+def test_pcc_runs_on_a_traced_generation(pipe):
+    (record,) = daamlib.generate(pipe, "a car in an urban environment", seed=0, num_inference_steps=3,
+                                 height=32, width=32, self_attention=True, queries=True)
+    features = self_attention_features(record)
+    assert features.shape[:2] == record.latent_size
+    latent, full = pcc_segment(record, {13: "car"}, pipe, PCCConfig(cluster_counts=(2, 3), refine_clusters=4))
+    assert latent.shape == record.latent_size and full.shape == record.image.shape[:2]
+    assert set(np.unique(full)) <= {BACKGROUND, 13, UNCERTAIN}
+    with pytest.raises(KeyError, match="self_attention=True"):
+        self_attention_features(daamlib.generate(pipe, "a car", seed=0, num_inference_steps=2, height=32, width=32)[0])
