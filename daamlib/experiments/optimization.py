@@ -111,6 +111,6 @@ def _rerun_with_tokens(dataset: ThesisDataset, pipe, tokens: dict[str, Optimized
     records = {}
     for _, row in dataset.manifest.iterrows():
         vectors = tokens[row["class_name"]].vectors
-        records[row["name"]] = _regenerate(pipe, row, generation_kwargs, daam=False,
+        records[row["name"]] = _regenerate(pipe, row, generation_kwargs,
                                            contexts={row["class_name"]: vectors})
     return records

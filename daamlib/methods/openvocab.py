@@ -75,25 +75,26 @@ def openvocab_maps(
         return _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample)
 
 
+_STEPS_PER_BATCH = 8  # steps whose softmax is computed in one batched matmul (bounds memory)
+
+
 def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> torch.Tensor:
-    layer_names = {layer for layer, _ in record.queries}
-    chosen = chosen_layers(record, layers, layer_names)
-    chosen_names = {layer.name for layer in chosen}
+    chosen = chosen_layers(record, layers, {layer for layer, _ in record.queries})
     step_filter = set(select_steps(record, steps))
-    unet = pipe.unet
     per_layer: dict[str, torch.Tensor] = {}
-    keys_per_layer: dict[str, torch.Tensor] = {}  # W_k X' depends on the layer only, not the step
-    for (name, step), queries in record.queries.items():
-        if step not in step_filter or name not in chosen_names:
+    for meta in chosen:
+        step_queries = [q for (name, step), q in record.queries.items() if name == meta.name and step in step_filter]
+        if not step_queries:
             continue
-        meta = record.layer(name)
-        if name not in keys_per_layer:
-            to_k = unet.get_submodule(name).to_k
-            keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
-            keys_per_layer[name] = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]
-        q = split_heads(queries.float()[None], meta.heads)[0]  # [heads, hw, d]
-        probs = torch.softmax(q @ keys_per_layer[name].transpose(-1, -2) * meta.scale, dim=-1).sum(dim=0)  # [hw, m]
-        per_layer[name] = per_layer[name] + probs if name in per_layer else probs
+        to_k = pipe.unet.get_submodule(meta.name).to_k
+        keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
+        keys = split_heads(keys[None], meta.heads)[0].transpose(-1, -2)  # [heads, d, m]; W_k X' is the same every step
+        total = 0
+        for start in range(0, len(step_queries), _STEPS_PER_BATCH):
+            batch = torch.stack(step_queries[start : start + _STEPS_PER_BATCH]).float()  # [s, hw, inner]
+            q = split_heads(batch, meta.heads)  # [s, heads, hw, d]
+            total = total + torch.softmax(q @ keys * meta.scale, dim=-1).sum(dim=(0, 1))  # [hw, m]
+        per_layer[meta.name] = total
     if not per_layer:
         raise KeyError("no cached queries match the chosen layers and steps")
     present = [layer for layer in chosen if layer.name in per_layer]

@@ -106,7 +106,11 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         if stage in reports:
             report = reports[stage]
             loss = report.get("final_loss", float("nan"))
-            lines.append(f"| {stage} | {report['steps']} | {config['batch_size']} | {report['seconds'] / 60:.1f} | {loss:.4f} |")
+            batch = config["vae_batch_size"] if stage == "vae" else config["batch_size"]
+            lines.append(f"| {stage} | {report['steps']} | {batch} | {report['seconds'] / 60:.1f} | {loss:.4f} |")
+    lines += [""] + [f"- {stage}: {reports[stage]['note']}" for stage in ("vae", "annotator", "unet")
+                     if "note" in reports.get(stage, {})]
+    lines += ["", f"Shipped UNet/text-encoder weights: {reports.get('unet', {}).get('exported_weights', 'ema')}."]
     annotator = reports.get("annotator", {})
     lines += [
         "",
@@ -143,6 +147,7 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         best_tau = "" if np.isnan(row["best_tau"]) else f"{row['best_tau']:.2f}"
         lines.append(f"| {class_name} | {100 * row['max_miou']:.1f} | {best_tau} | {100 * row['auc']:.1f} | "
                      f"{THESIS_SD2_MAX_MIOU.get(class_name, float('nan')):.1f} |")
+    lines += ["", *_targets(results, annotator)]
     mass = results["mass"]
     lines += [
         "",
@@ -157,6 +162,18 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _targets(results: dict, annotator: dict) -> list[str]:
+    """The issue's figures, each marked met or missed."""
+    fidelity, table = results["fidelity"], results["daam"]
+    checks = [
+        (f"annotator mIoU ≥ 0.90 on held-out scenes: {annotator.get('miou', float('nan')):.3f}", annotator.get("miou", 0) >= 0.90),
+        *[(f"prompt fidelity ≥ 90 % for {name}: {value:.0%}", value >= 0.9) for name, value in fidelity.items()],
+        (f"mean DAAM max mIoU at or above the thesis' 53.2: {100 * table.loc['All', 'max_miou']:.1f}",
+         100 * table.loc["All", "max_miou"] >= THESIS_SD2_MAX_MIOU["All"]),
+    ]
+    return ["### Targets", "", *[f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]]
 
 
 def main(argv=None) -> None:

@@ -257,13 +257,24 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     annotator = Annotator(net.to("cpu"), "cpu")
     predicted = annotator(held_out.images)
     scores = dataset_iou(predicted, held_out.labels)
-    report = {"steps": stage.step, "seconds": stage.seconds, "held_out_scenes": len(held_out),
+    report = {"steps": stage.step, "seconds": stage.seconds, "final_loss": float(np.mean(stage.losses[-50:])),
+              "held_out_scenes": len(held_out),
               "iou": scores, "miou": float(np.nanmean(list(scores.values())))}
     annotator.save_pretrained(config.work_dir / "annotator")
     if (config.output_dir / "model_index.json").exists():
         annotator.save_pretrained(config.output_dir / "annotator")
     _write_json(config.work_dir / "annotator_report.json", report)
     return report
+
+
+def _ema_with_warmup(decay: float):
+    """EMA whose decay grows as min(decay, (1 + n) / (10 + n)): early averages forget the random init."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        rate = min(decay, (1 + float(num_averaged)) / (10 + float(num_averaged)))
+        return rate * averaged + (1 - rate) * current
+
+    return average
 
 
 def _token_ids(tokenizer, captions: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
@@ -288,7 +299,7 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
     scaling = vae.config.scaling_factor
     unet, text_encoder = build_unet(arch).to(config.device).train(), build_text_encoder(arch, tokenizer).to(config.device).train()
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    ema = torch.optim.swa_utils.AveragedModel(models, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay))
+    ema = torch.optim.swa_utils.AveragedModel(models, avg_fn=_ema_with_warmup(config.ema_decay))
     optimizer = torch.optim.AdamW(models.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
     stage = _Stage("unet", config, {"models": models}, optimizer, config.unet_steps, config.unet_learning_rate, {"ema": ema})
     noise_scheduler = training_scheduler()
@@ -323,8 +334,11 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
     stage.run(step_fn, after_step=lambda: ema.update_parameters(models), on_checkpoint=after_step_checkpoint)
 
 
-def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: AutoencoderKL, tokenizer, stage: _Stage) -> Path:
-    """Write the pipeline (fp16 safetensors) and the annotator to ``output_dir``, replacing it atomically."""
+def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: AutoencoderKL, tokenizer, stage: _Stage,
+                    weights: str = "ema") -> Path:
+    """Write the pipeline (fp16 safetensors) and the annotator to ``output_dir``, replacing it atomically.
+
+    ``weights`` says which UNet/text-encoder weights ``models`` holds ("ema" or "raw"); it is recorded."""
     import copy
 
     pipe = StableDiffusionPipeline(
@@ -341,7 +355,7 @@ def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: Autoe
     reports = {name: json.loads((config.work_dir / f"{name}_report.json").read_text())
                for name in ("vae", "annotator") if (config.work_dir / f"{name}_report.json").exists()}
     reports["unet"] = {"steps": stage.step, "of_steps": stage.total, "seconds": stage.seconds,
-                       "final_loss": float(np.mean(stage.losses[-100:]))}
+                       "final_loss": float(np.mean(stage.losses[-100:])), "exported_weights": weights}
     _write_json(staging / "training.json", {"config": asdict(config), "device": config.device,
                                              "torch": torch.__version__, "reports": reports})
     previous = output.with_name(output.name + ".previous")
