@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from skimage import filters, measure, morphology
 
-from .metrics import check_threshold, normalize, to_mask_resolution
+from .metrics import binarize, check_threshold, normalize, to_mask_resolution
 
 ThresholdMethod = Literal["fixed", "otsu"]
 UNCERTAIN = 255  # semantic PNG value for pixels no label is sure about
@@ -28,12 +28,12 @@ BACKGROUND = 0
 
 def heatmap_to_mask(heatmap: torch.Tensor, image_shape: Sequence[int], method: ThresholdMethod, tau: float | None = None) -> np.ndarray:
     """A latent heatmap [h, w] → boolean mask [H, W] at image resolution (bicubic upsampling)."""
-    scaled = normalize(to_mask_resolution(heatmap, image_shape[:2])).numpy()
+    upsampled = to_mask_resolution(heatmap, image_shape[:2])
     if method == "fixed":
         if tau is None:
             raise ValueError("method='fixed' needs tau= (the mask is D >= tau * max D, tau in [0, 1])")
-        check_threshold(tau)
-        return scaled >= tau
+        return binarize(upsampled, tau).numpy()
+    scaled = normalize(upsampled).numpy()
     if method == "otsu":
         if tau is not None:
             raise ValueError("method='otsu' computes its own threshold; drop tau=")

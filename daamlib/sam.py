@@ -14,15 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from .methods import daam
-from .metrics import normalize, to_mask_resolution
+from .metrics import binarize, to_mask_resolution
 
 
 def heatmap_prompt(heatmap, image_shape, tau: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
     """A SAM box [x0, y0, x1, y1] around D >= τ·max D and the maximum as a point [[x, y]], at image resolution."""
-    scaled = normalize(to_mask_resolution(heatmap, image_shape[:2])).numpy()
-    rows, cols = np.nonzero(scaled >= tau)
+    scaled = to_mask_resolution(heatmap, image_shape[:2])
+    rows, cols = np.nonzero(binarize(scaled, tau).numpy())
     box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
-    peak_row, peak_col = np.unravel_index(scaled.argmax(), scaled.shape)
+    peak_row, peak_col = np.unravel_index(int(scaled.argmax()), tuple(scaled.shape))
     return box, np.array([[peak_col, peak_row]], dtype=float)
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from .methods import daam, linear_maps, openvocab
 from .methods.linear import word_vector
-from .metrics import normalize, to_mask_resolution
+from .metrics import binarize, normalize, to_mask_resolution
 from .optimize import OptimizedTokens, heatmaps
 from .record import Record
 
@@ -141,13 +141,14 @@ class HeatmapBrowser:
         image = self.record.image
         try:
             heatmap = self.compute().detach()
-            heatmap01 = normalize(to_mask_resolution(heatmap, image.shape[:2])).numpy()
+            upsampled = to_mask_resolution(heatmap, image.shape[:2])
+            heatmap01 = normalize(upsampled).numpy()  # for display
         except (ValueError, KeyError) as error:
             self.message.value = f"<span style='color:#b00'>{error}</span>"
             return
         self.message.value = ""
         self.current_heatmap = heatmap
-        self.current_mask = heatmap01 >= self.threshold.value
+        self.current_mask = binarize(upsampled, self.threshold.value).numpy()  # D >= τ·max D
         size = (self.display_size, self.display_size * image.shape[1] // image.shape[0])
         self.overlay_view.value = _png(np.asarray(Image.fromarray(colorize(image, heatmap01)).resize(size[::-1])))
         masked = np.where(self.current_mask[..., None], image, image // 4)
