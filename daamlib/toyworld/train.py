@@ -112,7 +112,7 @@ class _Stage:
     """A resumable training loop: ``step_fn(step, generator) -> loss`` over ``total`` steps."""
 
     def __init__(self, name: str, config: TrainConfig, modules: dict[str, torch.nn.Module], optimizer, total: int,
-                 learning_rate: float, extra_state: dict | None = None) -> None:
+                 extra_state: dict | None = None) -> None:
         self.name, self.config, self.modules, self.optimizer, self.total = name, config, modules, optimizer, total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total))
         self.extra_state = extra_state or {}
@@ -182,7 +182,7 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     scenes = SceneSet.load(config.scenes_path)
     vae = build_vae(config.architecture).to(config.device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate)
-    stage = _Stage("vae", config, {"vae": vae}, optimizer, config.vae_steps, config.vae_learning_rate)
+    stage = _Stage("vae", config, {"vae": vae}, optimizer, config.vae_steps)
 
     def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
         indices = torch.randint(len(scenes), (config.vae_batch_size,), generator=generator)
@@ -237,7 +237,7 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     reconstructed = SceneSet(np.load(reconstructions_path), scenes.labels, scenes.classes, scenes.seeds, scenes.captions)
     net = SegmentationNet().to(config.device).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.annotator_learning_rate)
-    stage = _Stage("annotator", config, {"net": net}, optimizer, config.annotator_steps, config.annotator_learning_rate)
+    stage = _Stage("annotator", config, {"net": net}, optimizer, config.annotator_steps)
     channel_of_label = torch.zeros(256, dtype=torch.long)
     channel_of_label[list(LABEL_IDS)] = torch.arange(len(LABEL_IDS))
 
@@ -301,7 +301,7 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = torch.optim.swa_utils.AveragedModel(models, avg_fn=_ema_with_warmup(config.ema_decay))
     optimizer = torch.optim.AdamW(models.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
-    stage = _Stage("unet", config, {"models": models}, optimizer, config.unet_steps, config.unet_learning_rate, {"ema": ema})
+    stage = _Stage("unet", config, {"models": models}, optimizer, config.unet_steps, {"ema": ema})
     noise_scheduler = training_scheduler()
     alphas = noise_scheduler.alphas_cumprod
     snr = alphas / (1 - alphas)
