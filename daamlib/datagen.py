@@ -58,6 +58,8 @@ class GenerationSettings:
     mask_image: str | None = None  # inpaint
     strength: float | None = None  # img2img / inpaint
     record_dtype: str = "float16"
+    height: int | None = None  # None: the model's default resolution
+    width: int | None = None
 
 
 def all_samples(prompt_set: PromptSet) -> list[Sample]:
@@ -86,7 +88,7 @@ def shard_samples(samples: list[Sample], shard: int, num_shards: int) -> list[Sa
 
 
 def _pipe_kwargs(settings: GenerationSettings) -> dict:
-    kwargs = {}
+    kwargs = {name: value for name, value in (("height", settings.height), ("width", settings.width)) if value is not None}
     if settings.task in ("img2img", "inpaint"):
         if settings.init_image is None:
             raise ValueError(f"task {settings.task!r} needs init_image (a path)")
@@ -181,7 +183,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=None, help="hub id or directory; default: the embedded toy model")
     parser.add_argument("--shard", default=None, help="i/n; default: RANK/WORLD_SIZE from accelerate, else 0/1")
     parser.add_argument("--device", default=None)
-    numeric = {"num_inference_steps": int, "guidance_scale": float, "tau": float, "strength": float}
+    numeric = {"num_inference_steps": int, "guidance_scale": float, "tau": float, "strength": float, "height": int, "width": int}
     for name, value in asdict(GenerationSettings()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=numeric.get(name, str), default=value)
     parser.add_argument("--linear", action="store_true", help="also record the linear matrix")

@@ -130,7 +130,7 @@ def optimize_tokens(
         ) / len(records)
         total.backward()
         optimizer.step()
-        history.append(float(total))
+        history.append(float(total.detach()))
     return OptimizedTokens(
         vectors=vectors.detach(),
         variant=variant,

@@ -1,14 +1,28 @@
-"""Tiny random-weight Stable Diffusion pipelines, built offline: for tests, examples and quickstarts.
+"""Random-weight Stable Diffusion pipelines, built offline: for tests, examples and benchmarks.
 
-The CLIP tokenizer is built from the BPE file inside ``open_clip_torch`` (the ``toy`` extra)."""
+* ``tiny_random_pipeline``: a few-kilobyte SD-shaped pipeline for unit tests;
+* ``sd2_base_random_pipeline`` / ``sdxl_base_random_pipeline``: the published architectures of
+  ``stabilityai/stable-diffusion-2-base`` and ``stable-diffusion-xl-base-1.0`` (UNet, text
+  encoders, VAE, scheduler) with random weights: the cost of a forward pass and the size of a
+  record are those of the real models.
+
+The CLIP tokenizer is the project's own (SD's BPE vocabulary)."""
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from .toyworld.tokenizer import build_clip_tokenizer
 
@@ -51,3 +65,90 @@ def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cpu")
+
+
+# -- the published architectures -------------------------------------------------------------------
+SD2_BASE_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+)
+
+SDXL_BASE_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+
+SD_NOISE_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                         steps_offset=1)
+
+
+def random_weights(cls, config: dict, seed: int = 0) -> torch.nn.Module:
+    """``cls(**config)`` built on the meta device and filled with scaled noise (1/sqrt(fan_in)).
+
+    The default initialisation of an SDXL UNet takes about a minute on a CPU; this takes seconds."""
+    with torch.device("meta"):
+        module = cls(**config) if isinstance(config, dict) else cls(config)
+    module.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if parameter.ndim > 1:
+                parameter.normal_(0, 1 / math.sqrt(parameter[0].numel()), generator=generator)
+            elif name.endswith("weight"):
+                parameter.fill_(1.0)
+            else:
+                parameter.zero_()
+        for name, buffer in module.named_buffers():  # e.g. CLIP's position ids
+            if "position_ids" in name:
+                buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
+    return module.eval()
+
+
+def _clip_text_config(hidden: int, layers: int, heads: int, act: str, projection: int) -> CLIPTextConfig:
+    tokenizer = clip_tokenizer()
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length, hidden_act=act,
+        projection_dim=projection, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def sd2_base_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """SD 2-base: 865M-parameter UNet (cross-attention at 1/1, 1/2, 1/4, 1/8 of the latent), OpenCLIP-H text (1024)."""
+    pipe = StableDiffusionPipeline(
+        vae=random_weights(AutoencoderKL, {**SD_VAE, "scaling_factor": 0.18215}, seed),
+        text_encoder=random_weights(CLIPTextModel, _clip_text_config(1024, 23, 16, "gelu", 512), seed),
+        tokenizer=clip_tokenizer(), unet=random_weights(UNet2DConditionModel, SD2_BASE_UNET, seed),
+        scheduler=PNDMScheduler(skip_prk_steps=True, **SD_NOISE_SCHEDULE), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_base_random_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """SDXL-base: 2.6B-parameter UNet (cross-attention at 1/2 and 1/4 of the latent, 2 and 10
+    transformer layers), CLIP-L + OpenCLIP-bigG text encoders (768 + 1280 = 2048)."""
+    pipe = StableDiffusionXLPipeline(
+        vae=random_weights(AutoencoderKL, {**SD_VAE, "scaling_factor": 0.13025}, seed),
+        text_encoder=random_weights(CLIPTextModel, _clip_text_config(768, 12, 12, "quick_gelu", 768), seed),
+        text_encoder_2=random_weights(CLIPTextModelWithProjection, _clip_text_config(1280, 32, 20, "gelu", 1280), seed),
+        tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(), unet=random_weights(UNet2DConditionModel, SDXL_BASE_UNET, seed),
+        scheduler=EulerDiscreteScheduler(**SD_NOISE_SCHEDULE, timestep_spacing="leading"),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,7 +1,6 @@
 """Capture covers every cross-attention layer of the real SD 2-base and SDXL UNets (random weights)."""
 
 import gc
-import math
 
 import pytest
 import torch
@@ -9,29 +8,11 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 import daamlib
-from architectures import SD2_BASE_UNET, SDXL_UNET
+from daamlib.testing import SD2_BASE_UNET, SDXL_BASE_UNET, random_weights
 from pipelines import clip_tokenizer, tiny_pipeline, tiny_text_encoder
 
 pytestmark = pytest.mark.slow
 HEAD_DIM = 64  # every SD 2 / SDXL attention head has 64 channels
-
-
-def fast_random_unet(config) -> UNet2DConditionModel:
-    """Build on the meta device, then fill weights with scaled noise (default init takes a minute for SDXL)."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
-    unet.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if parameter.ndim > 1:
-                fan_in = parameter[0].numel()
-                parameter.normal_(0, 1 / math.sqrt(fan_in), generator=generator)
-            elif name.endswith("weight"):
-                parameter.fill_(1.0)
-            else:
-                parameter.zero_()
-    return unet.eval()
 
 
 def expected_cross_layers(config):
@@ -75,7 +56,7 @@ def test_sd2_base_architecture():
     small = tiny_pipeline()
     pipe = StableDiffusionPipeline(
         vae=small.vae, text_encoder=tiny_text_encoder(1024), tokenizer=clip_tokenizer(),
-        unet=fast_random_unet(SD2_BASE_UNET), scheduler=DDIMScheduler(), safety_checker=None,
+        unet=random_weights(UNet2DConditionModel, SD2_BASE_UNET), scheduler=DDIMScheduler(), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -94,10 +75,10 @@ def test_sdxl_architecture():
                             pad_token_id=tokenizer.pad_token_id)
     pipe = StableDiffusionXLPipeline(
         vae=small.vae, text_encoder=tiny_text_encoder(768), text_encoder_2=CLIPTextModelWithProjection(config),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=fast_random_unet(SDXL_UNET), scheduler=DDIMScheduler(),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=random_weights(UNet2DConditionModel, SDXL_BASE_UNET), scheduler=DDIMScheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
-    resolutions = check_capture(pipe, SDXL_UNET, {})
+    resolutions = check_capture(pipe, SDXL_BASE_UNET, {})
     assert resolutions == [(4, 6), (8, 12)]  # SDXL attends at 1/2 and 1/4 of the latent
     del pipe
     gc.collect()

@@ -51,6 +51,15 @@ def test_openvocab_with_the_generating_prompt_as_context_equals_daam(pipe):
         assert torch.allclose(from_rerun, reference, rtol=1e-5, atol=1e-6)
 
 
+def test_a_trace_may_record_only_contexts(pipe):
+    _, both = generate(pipe, contexts=["a tree"])
+    _, only = generate(pipe, daam=False, contexts=["a tree"])
+    assert not only.daam and torch.equal(daamlib.openvocab(only, "a tree", "tree"), daamlib.openvocab(both, "a tree", "tree"))
+    with pytest.raises(ValueError, match="nothing to record"):
+        with daamlib.trace(pipe, daam=False):
+            pass
+
+
 def test_openvocab_context_without_padding_is_a_distribution_over_its_tokens(pipe):
     _, record = generate(pipe, queries=True)
     context = "a car and a bicycle in an urban environment"

@@ -33,8 +33,6 @@ class CaptureOptions:
         check_upsample_mode(self.upsample)
         if self.branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond' or 'uncond', not {self.branch!r}")
-        if not (self.daam or self.queries or self.linear or self.self_attention):
-            raise ValueError("nothing to record: enable daam, queries, linear or self_attention")
 
     def wants_queries(self, layer: str, step: int) -> bool:
         return (

@@ -263,6 +263,8 @@ def trace(
         query_dtype=query_dtype, query_device=query_device, linear=linear,
         self_attention=self_attention, upsample=upsample, branch=branch,
     )
+    if not (daam or queries or linear or self_attention or contexts):
+        raise ValueError("nothing to record: enable daam, queries, linear or self_attention, or pass contexts")
     unet = pipe.unet
     cross_layers = select_layers(attention_layers(unet, "cross"), layers)
     if query_layers is not None:
