@@ -78,7 +78,7 @@ def render(results: list[dict]) -> str:
             if row["fp32"]:
                 rows.append([r["case"], kind, _bytes(row["fp16"]), _bytes(row["fp32"]),
                              _bytes(row["fp16_at_30_steps"]) + (" (projected)" if row["grows_with_steps"] and r["steps"] != 30 else "")])
-    parts.append(_table(["case", "kind", f"fp16, measured steps", "fp32, measured steps", "fp16 at 30 steps"], rows))
+    parts.append(_table(["case", "kind", "fp16, measured steps", "fp32, measured steps", "fp16 at 30 steps"], rows))
     rows = [[r["case"], f"{r['bytes_per_image']['query_cache_over_linear']:.0f}×",
              _check(r["bytes_per_image"]["query_cache_over_linear"], TARGETS["bytes"], True)] for r in results]
     parts.append(_table(["case", "query cache (30 steps) / linear matrix", f"target ≥ {TARGETS['bytes']:.0f}×"], rows))

@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import json
 import os
 import platform
-import sys
-import tempfile
 from pathlib import Path
 
 import diffusers
@@ -27,12 +23,12 @@ import torch
 import transformers
 
 import daamlib
+from daamlib.io import write_json
 from daamlib.testing import sd2_base_random_pipeline, sdxl_base_random_pipeline
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import peak_memory  # noqa: E402
-from report import write_report  # noqa: E402
-from sections import (  # noqa: E402
+from measure import peak_memory  # benchmarks/ is on sys.path when this file runs as a script
+from report import write_report
+from sections import (
     Case,
     bytes_per_image,
     capture_overhead,
@@ -86,17 +82,7 @@ def run_case(case: Case, device: str, throughput_rounds: int) -> dict:
     results["query_latency"] = section("query_latency", lambda: query_latency(pipe, case, record))
     results["optimization"] = section("optimization", lambda: optimization_speed(pipe, case, record))
     results["throughput"] = section("throughput", lambda: dataset_throughput(pipe, case, throughput_rounds))
-    del pipe, record
-    gc.collect()
     return results
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=1)
-    os.replace(temporary, path)
 
 
 def main(argv=None) -> None:
@@ -118,7 +104,7 @@ def main(argv=None) -> None:
         if path.exists() and not args.force:
             print(f"[{name}] results exist at {path}; skipped (pass --force to measure again)")
             continue
-        _write_json(path, run_case(case, args.device, args.throughput_rounds))
+        write_json(path, run_case(case, args.device, args.throughput_rounds))
     write_report(sorted(args.results.glob("*.json")), args.docs)
     print(f"wrote {args.docs}")
 

@@ -15,17 +15,23 @@ from typing import Callable
 
 import numpy as np
 import torch
+from measure import (
+    interleaved,
+    median_ratio,
+    median_seconds,
+    peak_memory,
+    seconds,
+    tensor_values,
+)
+from naive_capture import naive_daam, naive_trace
 
 import daamlib
 from daamlib.datagen import GenerationSettings, generate_dataset
-from daamlib.experiments.dataset import save_png
+from daamlib.io import save_png
 from daamlib.methods.linear import linear_maps
 from daamlib.methods.openvocab import openvocab_maps
 from daamlib.prompts import PromptSet
 from daamlib.text import TextEncoder
-
-from measure import interleaved, median_ratio, median_seconds, peak_memory, seconds, tensor_values
-from naive_capture import naive_daam, naive_trace
 
 THESIS_STEPS = 30
 THESIS_SECONDS_PER_EPOCH_PER_IMAGE = 0.5  # Appendix B: Apple M1 Max GPU

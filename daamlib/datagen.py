@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,8 +24,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .experiments.dataset import save_png
 from .generation import generate
+from .io import atomic_path, save_png, write_json
 from .labels import BACKGROUND, UNCERTAIN, heatmap_to_mask
 from .methods import daam
 from .prompts import PromptSet
@@ -117,21 +116,12 @@ def label_map(record, words, image_shape, settings: GenerationSettings) -> np.nd
     return result
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=1)
-    os.replace(temporary, path)
-
-
 def _write_manifest(path: Path, rows: list[dict]) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".parquet")
-    os.close(handle)
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame["attributes"] = frame["attributes"].map(json.dumps)
     frame["words"] = frame["words"].map(list)
-    frame.to_parquet(temporary, index=False)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        frame.to_parquet(temporary, index=False)
 
 
 def generate_dataset(pipe, prompt_set: PromptSet, out_dir: str | os.PathLike, settings: GenerationSettings | None = None,
@@ -157,7 +147,7 @@ def generate_dataset(pipe, prompt_set: PromptSet, out_dir: str | os.PathLike, se
             record.save(out_dir / row["record"], dtype=dtype)
             save_png(record.image, out_dir / row["image"])
             save_png(label_map(record, sample.words, record.image.shape, settings), out_dir / row["labels"])
-            _write_json(folder / "meta.json", {**asdict(sample), "settings": asdict(settings), "model": record.meta.model_id})
+            write_json(folder / "meta.json", {**asdict(sample), "settings": asdict(settings), "model": record.meta.model_id})
         rows.append(row)
         _write_manifest(manifest_path, rows)
     _write_manifest(manifest_path, rows)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 from skimage import filters, measure, morphology
 
+from .io import atomic_path, write_text
 from .metrics import binarize, check_threshold, normalize, to_mask_resolution
 
 ThresholdMethod = Literal["fixed", "otsu"]
@@ -98,14 +98,6 @@ class LabelledImage:
     objects: list[tuple[str, np.ndarray]]
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w") as stream:
-        stream.write(text)
-    os.replace(temporary, path)
-
-
 def to_coco(images: Sequence[LabelledImage], categories: Sequence[str], tolerance: float = 0.5) -> dict:
     """A COCO instances dictionary with polygon segmentations, boxes and areas."""
     category_ids = {name: index + 1 for index, name in enumerate(categories)}
@@ -131,7 +123,7 @@ def write_coco(path: str | os.PathLike, images: Sequence[LabelledImage], categor
     from pycocotools.coco import COCO
 
     path = Path(path)
-    _atomic_write_text(path, json.dumps(to_coco(images, categories)))
+    write_text(path, json.dumps(to_coco(images, categories)))
     COCO(str(path))  # raises on a malformed file
     return path
 
@@ -150,8 +142,8 @@ def write_yolo(directory: str | os.PathLike, images: Sequence[LabelledImage], ca
     """One ``<image stem>.txt`` per image and a ``classes.txt``."""
     directory = Path(directory)
     for image in images:
-        _atomic_write_text(directory / f"{Path(image.file_name).stem}.txt", "\n".join(yolo_segmentation_lines(image, categories)))
-    _atomic_write_text(directory / "classes.txt", "\n".join(categories))
+        write_text(directory / f"{Path(image.file_name).stem}.txt", "\n".join(yolo_segmentation_lines(image, categories)))
+    write_text(directory / "classes.txt", "\n".join(categories))
     return directory
 
 
@@ -187,9 +179,6 @@ def write_semantic_png(path: str | os.PathLike, label_map: np.ndarray, palette: 
     for label, color in (palette or {}).items():
         colors[label] = color
     image.putpalette(colors.ravel().tolist())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(handle)
-    image.save(temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
     return path

@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .io import save_safetensors
 from .methods.linear import linear_maps, word_vector
 from .methods.openvocab import openvocab_maps
-from .record import Record, _atomic_save, library_version
+from .record import Record, library_version
 
 Variant = Literal["linear", "softmax"]
 Loss = Literal["ce", "bce", "softmax_ce"]
@@ -55,8 +56,8 @@ class OptimizedTokens:
             path = path.with_name(path.name + ".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in self.__dict__.items() if k != "vectors"}
-        _atomic_save({"vectors": self.vectors.detach().cpu().contiguous()},
-                     {"daamlib": json.dumps({"format": _FORMAT_NAME, **meta})}, path)
+        save_safetensors({"vectors": self.vectors.detach().cpu().contiguous()}, path,
+                         {"daamlib": json.dumps({"format": _FORMAT_NAME, **meta})})
         return path
 
     @classmethod

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from .io import save_safetensors
 from .tokens import PromptTokens
 
 FORMAT_NAME = "daamlib.record"
@@ -161,7 +160,7 @@ class Record:
         if self.image is not None:
             tensors["image"] = torch.from_numpy(np.ascontiguousarray(self.image))
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(tensors, {_METADATA_KEY: self.meta.to_json()}, path)
+        save_safetensors(tensors, path, {_METADATA_KEY: self.meta.to_json()})
         return path
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
@@ -187,17 +186,6 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     if dtype is not None and tensor.is_floating_point():
         tensor = tensor.to(dtype)
     return tensor
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def load_record(path: str | os.PathLike) -> Record:

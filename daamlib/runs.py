@@ -17,11 +17,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
+
+from .io import atomic_path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPOSITORY / "notebooks"
@@ -100,10 +101,8 @@ def _stamp_metadata(output: Path, results: dict, seconds: float) -> None:
 
     notebook = nbformat.read(output, as_version=4)
     notebook.metadata["daamlib"] = {"status": "ok", "seconds": round(seconds, 1), "results": results}
-    handle, temporary = tempfile.mkstemp(dir=output.parent, suffix=".ipynb")
-    os.close(handle)
-    nbformat.write(notebook, temporary)
-    os.replace(temporary, output)
+    with atomic_path(output) as temporary:
+        nbformat.write(notebook, temporary)
 
 
 def run_preset(preset_name: str, run_dir: Path | None = None, progress: bool = True, kernel_name: str = "python3") -> Path:

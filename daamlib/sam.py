@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .io import save_png
 from .methods import daam
 from .metrics import binarize, to_mask_resolution
 
@@ -37,8 +38,6 @@ def sam_mask(predictor, image: np.ndarray, box: np.ndarray, points: np.ndarray, 
 def sam_masks(dataset, sam_model, tau: float = 0.4) -> dict[str, np.ndarray]:
     """Propose a mask per sample from its class word's DAAM map; writes them as the dataset's masks."""
     from segment_anything import SamPredictor
-
-    from .experiments.dataset import save_png
 
     predictor = SamPredictor(sam_model)
     proposals = {}

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pipelines import tiny_pipeline
 
 from daamlib import attention_layers
-from pipelines import tiny_pipeline
+from daamlib.io import write_json
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -57,7 +58,7 @@ def test_benchmark_case_and_report(bench, tmp_path):
 
     assert results["optimization"]["linear"] > 0 and results["throughput"]["throughput_ratio"] > 0
     path = tmp_path / "results" / "tiny-cpu.json"
-    run._write_json(path, results)
+    write_json(path, results)
     docs = tmp_path / "benchmarks.md"
     docs.write_text(f"# Benchmarks\n\nhand-written notes\n\n{report.BEGIN}\nold\n{report.END}\n\nmore notes\n")
     report.write_report([path], docs)

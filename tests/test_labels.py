@@ -1,6 +1,5 @@
 """Labels from heatmaps: round trips mask → polygon → COCO/YOLO → mask on rendered shapes."""
 
-import json
 
 import numpy as np
 import pytest

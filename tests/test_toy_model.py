@@ -2,7 +2,6 @@
 annotator reaches its accuracy on held-out rendered scenes."""
 
 import numpy as np
-import pytest
 
 import daamlib
 from daamlib.models import toy_model_dir

@@ -14,7 +14,6 @@ killed build resumes where it stopped and never lists a partial sample.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..generation import generate
+from ..io import atomic_path, save_png
 from ..record import Record, load_record
 from ..toyworld.captions import thesis_prompt
 from ..toyworld.labels import CLASS_WORD
@@ -35,19 +35,6 @@ SAMPLE_COLUMNS = ["name", "class_name", "word", "seed", "prompt", "record", "ima
 
 def sample_name(class_name: str, seed: int) -> str:
     return f"{class_name.replace(' ', '_')}-{seed:04d}"
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    """Write ``array`` (uint8 [H, W] or [H, W, 3]) as a PNG, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 @dataclass
@@ -99,10 +86,8 @@ class ThesisDataset:
 
 
 def write_manifest(directory: Path, manifest: pd.DataFrame) -> None:
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=".manifest.", suffix=".parquet")
-    os.close(handle)
-    manifest.to_parquet(temporary, index=False)
-    os.replace(temporary, directory / "manifest.parquet")
+    with atomic_path(directory / "manifest.parquet") as temporary:
+        manifest.to_parquet(temporary, index=False)
 
 
 def build_dataset(

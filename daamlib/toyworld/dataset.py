@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..io import atomic_path
 from . import labels as L
 from .captions import caption
 from .render import Scene, render_scene
@@ -35,12 +36,9 @@ class SceneSet:
         return len(self.images)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".partial.npz")
-        np.savez_compressed(temporary, images=self.images, labels=self.labels, classes=self.classes, seeds=self.seeds,
-                            captions=np.array(self.captions, dtype=object).astype(str))
-        temporary.replace(path)
+        with atomic_path(path) as temporary:
+            np.savez_compressed(temporary, images=self.images, labels=self.labels, classes=self.classes, seeds=self.seeds,
+                                captions=np.array(self.captions, dtype=object).astype(str))
 
     @classmethod
     def load(cls, path: str | Path) -> "SceneSet":

@@ -27,10 +27,17 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from ..io import atomic_path, write_json
 from ..models import data_dir, default_device, toy_model_dir
-from . import labels as L
 from .annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
-from .architecture import ToyArchitecture, build_text_encoder, build_unet, build_vae, inference_scheduler, training_scheduler
+from .architecture import (
+    ToyArchitecture,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    inference_scheduler,
+    training_scheduler,
+)
 from .dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
 from .tokenizer import build_clip_tokenizer
 
@@ -76,10 +83,8 @@ class TrainConfig:
 
 # -- helpers -------------------------------------------------------------------------------------
 def _atomic_torch_save(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(state, temporary)
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path) -> dict | None:
@@ -161,11 +166,6 @@ class _Stage:
         bar.close()
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
-
-
 # -- stages --------------------------------------------------------------------------------------
 def train_data(config: TrainConfig) -> None:
     size = config.architecture.image_size
@@ -199,7 +199,7 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     latents = _encode(vae, scenes.images[: 512], config.device)[0]
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.to("cpu").save_pretrained(config.vae_dir)
-    _write_json(config.work_dir / "vae_report.json", {"steps": stage.step, "seconds": stage.seconds,
+    write_json(config.work_dir / "vae_report.json", {"steps": stage.step, "seconds": stage.seconds,
                                                       "final_loss": float(np.mean(stage.losses[-50:])),
                                                       "scaling_factor": vae.config.scaling_factor})
     return vae
@@ -263,7 +263,7 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     annotator.save_pretrained(config.work_dir / "annotator")
     if (config.output_dir / "model_index.json").exists():
         annotator.save_pretrained(config.output_dir / "annotator")
-    _write_json(config.work_dir / "annotator_report.json", report)
+    write_json(config.work_dir / "annotator_report.json", report)
     return report
 
 
@@ -356,7 +356,7 @@ def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: Autoe
                for name in ("vae", "annotator") if (config.work_dir / f"{name}_report.json").exists()}
     reports["unet"] = {"steps": stage.step, "of_steps": stage.total, "seconds": stage.seconds,
                        "final_loss": float(np.mean(stage.losses[-100:])), "exported_weights": weights}
-    _write_json(staging / "training.json", {"config": asdict(config), "device": config.device,
+    write_json(staging / "training.json", {"config": asdict(config), "device": config.device,
                                              "torch": torch.__version__, "reports": reports})
     previous = output.with_name(output.name + ".previous")
     shutil.rmtree(previous, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""Atomic file writes: a killed process leaves the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix) to write to; it replaces ``path`` when the
+    ``with`` block succeeds and is removed when it fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
+    return write_text(path, json.dumps(payload, indent=indent, default=str))
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``array`` (uint8 [H, W] or [H, W, 3]) as a PNG."""
+    from PIL import Image
+
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+    return Path(path)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as temporary:
+        save_file(tensors, temporary, metadata=metadata)
+    return Path(path)
