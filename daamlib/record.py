@@ -60,6 +60,7 @@ class RecordMeta:
     image_index: int = 0
     query_steps: list[int] = field(default_factory=list)
     contexts: dict[str, list[str]] = field(default_factory=dict)  # phrase -> its key token strings
+    added_tokens: list[str] = field(default_factory=list)  # textual-inversion tokens of the prompt
     library_version: str = field(default_factory=library_version)
 
     def to_json(self) -> str:
@@ -119,7 +120,7 @@ class Record:
                 "this record has no prompt tokens (the pipeline was called with prompt_embeds); "
                 "address tokens by index instead of by word"
             )
-        return PromptTokens(tuple(self.meta.token_ids), tuple(self.meta.token_strings))
+        return PromptTokens(tuple(self.meta.token_ids), tuple(self.meta.token_strings), tuple(self.meta.added_tokens))
 
     @property
     def latent_size(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ The CLIP tokenizer is the project's own (SD's BPE vocabulary)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import lru_cache
 
@@ -30,8 +31,13 @@ TEXT_DIM = 32
 
 
 @lru_cache(maxsize=1)
-def clip_tokenizer():
+def _built_clip_tokenizer():
     return build_clip_tokenizer()
+
+
+def clip_tokenizer():
+    """A fresh copy of SD's CLIP tokenizer (pipelines may add tokens to theirs, e.g. textual inversion)."""
+    return copy.deepcopy(_built_clip_tokenizer())
 
 
 def tiny_text_encoder(hidden_size: int = TEXT_DIM) -> CLIPTextModel:

@@ -34,7 +34,9 @@ class TextEncoder:
     def encode(self, text: str) -> EncodedText:
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the text to encode is empty; pass a word or a phrase")
-        tokens = PromptTokens.from_text(text, self.pipe.tokenizer)
+        # textual-inversion pipelines expand a multi-vector token "<tok>" to "<tok> <tok>_1 ..." before encoding
+        converted = self.pipe.maybe_convert_prompt(text, self.pipe.tokenizer) if hasattr(self.pipe, "maybe_convert_prompt") else text
+        tokens = PromptTokens.from_text(converted, self.pipe.tokenizer)
         embeddings = self.pipe.encode_prompt(
             prompt=text,
             device=self.pipe.unet.device,

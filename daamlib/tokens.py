@@ -4,11 +4,14 @@ A prompt is tokenized by the pipeline into ``model_max_length`` ids (77 for ever
 Diffusion text encoder): ``<|startoftext|>`` (SOT), the word pieces, ``<|endoftext|>`` (EOT), then
 padding up to the model length. CLIP's BPE marks the last piece of every word with ``</w>``,
 so words are recovered from the token strings alone: a record can find its words without the
-tokenizer that made it.
+tokenizer that made it. Tokens added to the tokenizer (textual-inversion embeddings loaded with
+``pipe.load_textual_inversion``) are whole words; a multi-vector embedding ``<tok>`` expands to
+``<tok> <tok>_1 <tok>_2 ...`` and is one word, ``<tok>``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,11 +39,13 @@ class PromptTokens:
     """The tokens a text encoder saw for one prompt.
 
     ``ids`` and ``strings`` have the text encoder's full length (e.g. 77). ``eot_index`` is the
-    position of the first EOT after SOT; everything after it is padding.
+    position of the first EOT after SOT; everything after it is padding. ``added_tokens`` are the
+    prompt's tokens that were added to the tokenizer (textual inversion).
     """
 
     ids: tuple[int, ...]
     strings: tuple[str, ...]
+    added_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.strings):
@@ -51,7 +56,10 @@ class PromptTokens:
     @classmethod
     def from_ids(cls, ids: Sequence[int], tokenizer) -> "PromptTokens":
         ids = [int(i) for i in ids]
-        return cls(tuple(ids), tuple(tokenizer.convert_ids_to_tokens(ids)))
+        strings = tuple(tokenizer.convert_ids_to_tokens(ids))
+        added_ids = set(tokenizer.get_added_vocab().values()) - set(tokenizer.all_special_ids)
+        added = [string for i, string in zip(ids, strings) if i in added_ids]
+        return cls(tuple(ids), strings, tuple(dict.fromkeys(added)))
 
     @classmethod
     def from_text(cls, text: str, tokenizer) -> "PromptTokens":
@@ -95,6 +103,16 @@ class PromptTokens:
         indices: list[int] = []
         for index in range(1, self.eot_index):
             piece = self.strings[index]
+            if piece in self.added_tokens:
+                if pieces:  # pieces without an end marker before an added token
+                    words.append(Word("".join(pieces), tuple(indices)))
+                    pieces, indices = [], []
+                base = _multi_vector_base(piece, self.added_tokens)
+                if base is not None and words and words[-1].text == base:
+                    words[-1] = Word(base, words[-1].token_indices + (index,))
+                else:
+                    words.append(Word(piece, (index,)))
+                continue
             pieces.append(piece)
             indices.append(index)
             if piece.endswith(_END_OF_WORD):
@@ -123,7 +141,7 @@ class PromptTokens:
         if query in _EOT_ALIASES:
             return (self.eot_index,)
         wanted = query.split()
-        words = [w.text for w in self.words]
+        words = [w.text.lower() for w in self.words]
         starts = [
             i for i in range(len(words) - len(wanted) + 1) if words[i : i + len(wanted)] == wanted
         ]
@@ -156,3 +174,9 @@ class PromptTokens:
         if index > self.eot_index:
             return "<pad>"
         return self.strings[index].replace(_END_OF_WORD, "")
+
+
+def _multi_vector_base(piece: str, added_tokens: tuple[str, ...]) -> str | None:
+    """``"<tok>"`` for ``"<tok>_3"`` when ``<tok>`` is an added token (diffusers' multi-vector naming)."""
+    match = re.fullmatch(r"(.+)_\d+", piece)
+    return match.group(1) if match and match.group(1) in added_tokens else None

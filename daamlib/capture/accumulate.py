@@ -59,6 +59,7 @@ class GenerationState:
     latent_size: tuple[int, int]
     token_ids: list[list[int]] | None  # per image
     token_strings: list[list[str]] | None
+    added_tokens: list[list[str]] | None
     text_embeddings: torch.Tensor  # [num_images, n, d_text]
     timesteps: list[float] = field(default_factory=list)
     layers: dict[str, LayerMeta] = field(default_factory=dict)
@@ -131,6 +132,7 @@ class GenerationState:
             meta = RecordMeta(
                 token_ids=self.token_ids[index] if self.token_ids else None,
                 token_strings=self.token_strings[index] if self.token_strings else None,
+                added_tokens=self.added_tokens[index] if self.added_tokens else [],
                 latent_size=tuple(self.latent_size),
                 image_size=provenance.get("image_size"),
                 layers=list(self.layers.values()),

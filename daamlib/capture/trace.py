@@ -98,7 +98,7 @@ class Trace:
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
         rows = self._traced_rows(num_images, cfg)
-        token_ids = token_strings = None
+        token_ids = token_strings = added_tokens = None
         if self._pending_ids is not None:
             prompts = [PromptTokens.from_ids(ids.tolist(), self.pipe.tokenizer) for ids in self._pending_ids]
             for tokens in prompts:
@@ -111,6 +111,7 @@ class Trace:
             per_image = split_per_image(prompts, num_images)
             token_ids = [list(t.ids) for t in per_image]
             token_strings = [list(t.strings) for t in per_image]
+            added_tokens = [list(t.added_tokens) for t in per_image]
         self._pending_ids = None
         self._current = GenerationState(
             options=self.options,
@@ -118,6 +119,7 @@ class Trace:
             latent_size=latent_size,
             token_ids=token_ids,
             token_strings=token_strings,
+            added_tokens=added_tokens,
             text_embeddings=context[rows].detach().float(),
         )
 
