@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,17 @@ from tqdm.auto import tqdm
 
 from .generation import generate
 from .io import atomic_path, save_png, write_json
-from .labels import BACKGROUND, UNCERTAIN, heatmap_to_mask
+from .labels import (
+    BACKGROUND,
+    UNCERTAIN,
+    LabelledImage,
+    clean_mask,
+    heatmap_to_mask,
+    instances,
+    write_coco,
+    write_semantic_png,
+    write_yolo,
+)
 from .methods import daam
 from .prompts import PromptSet
 
@@ -146,7 +157,7 @@ def generate_dataset(pipe, prompt_set: PromptSet, out_dir: str | os.PathLike, se
                                  guidance_scale=settings.guidance_scale, pipe_kwargs=pipe_kwargs, **trace_kwargs)
             record.save(out_dir / row["record"], dtype=dtype)
             save_png(record.image, out_dir / row["image"])
-            save_png(label_map(record, sample.words, record.image.shape, settings), out_dir / row["labels"])
+            write_semantic_png(out_dir / row["labels"], label_map(record, sample.words, record.image.shape, settings))
             write_json(folder / "meta.json", {**asdict(sample), "settings": asdict(settings), "model": record.meta.model_id})
         rows.append(row)
         _write_manifest(manifest_path, rows)
@@ -166,6 +177,37 @@ def merged_manifest(out_dir: str | os.PathLike) -> pd.DataFrame:
     return frame
 
 
+def labelled_images(out_dir: str | os.PathLike, min_area: int = 16) -> tuple[list[LabelledImage], list[str]]:
+    """Every sample's labels as instances: each word's region cleaned (``clean_mask``) and split into
+    connected components. Returns the images and the categories (every word, sorted)."""
+    out_dir = Path(out_dir)
+    manifest = merged_manifest(out_dir)
+    categories = sorted({word for words in manifest["words"] for word in words})
+    images = []
+    for _, row in manifest.iterrows():
+        labels = np.asarray(Image.open(out_dir / row["labels"]))
+        objects = [(word, instance) for index, word in enumerate(row["words"])
+                   for instance in instances(clean_mask(labels == index + 1, min_area))]
+        images.append(LabelledImage(row["image"], labels.shape[0], labels.shape[1], objects))
+    return images, categories
+
+
+def export_labels(out_dir: str | os.PathLike, formats: Sequence[str] = ("coco", "yolo")) -> dict[str, Path]:
+    """Write the generated dataset's labels as COCO instances (``annotations/instances.json``, checked
+    with pycocotools) and / or YOLO-seg (``yolo/``). The palette PNGs are already in every sample folder."""
+    unknown = set(formats) - {"coco", "yolo"}
+    if unknown:
+        raise ValueError(f"unknown export formats {sorted(unknown)}; choose from coco, yolo")
+    out_dir = Path(out_dir)
+    images, categories = labelled_images(out_dir)
+    paths = {}
+    if "coco" in formats:
+        paths["coco"] = write_coco(out_dir / "annotations" / "instances.json", images, categories)
+    if "yolo" in formats:
+        paths["yolo"] = write_yolo(out_dir / "yolo", images, categories)
+    return paths
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Generate a labelled dataset from a prompt set (sharded, resumable).")
     parser.add_argument("prompt_set", type=Path)
@@ -177,6 +219,8 @@ def main(argv=None) -> None:
     for name, value in asdict(GenerationSettings()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=numeric.get(name, str), default=value)
     parser.add_argument("--linear", action="store_true", help="also record the linear matrix")
+    parser.add_argument("--export", nargs="*", default=[], choices=["coco", "yolo"],
+                        help="after generating, export the labels (all shards must be finished)")
     args = parser.parse_args(argv)
     from .models import load_pipeline
 
@@ -184,6 +228,9 @@ def main(argv=None) -> None:
     settings = GenerationSettings(**{name: getattr(args, name) for name in asdict(GenerationSettings())})
     pipe = load_pipeline(args.model, task=settings.task, device=args.device, progress_bar=False)
     generate_dataset(pipe, PromptSet.load(args.prompt_set), args.out, settings, shard, count, linear=args.linear)
+    if args.export:
+        for name, path in export_labels(args.out, args.export).items():
+            print(f"{name}: {path}")
 
 
 if __name__ == "__main__":

@@ -139,10 +139,10 @@ def yolo_segmentation_lines(image: LabelledImage, categories: Sequence[str], tol
 
 
 def write_yolo(directory: str | os.PathLike, images: Sequence[LabelledImage], categories: Sequence[str]) -> Path:
-    """One ``<image stem>.txt`` per image and a ``classes.txt``."""
+    """One ``.txt`` per image at the image's relative path (``a/b.png`` → ``a/b.txt``) and a ``classes.txt``."""
     directory = Path(directory)
     for image in images:
-        write_text(directory / f"{Path(image.file_name).stem}.txt", "\n".join(yolo_segmentation_lines(image, categories)))
+        write_text(directory / Path(image.file_name).with_suffix(".txt"), "\n".join(yolo_segmentation_lines(image, categories)))
     write_text(directory / "classes.txt", "\n".join(categories))
     return directory
 

@@ -106,3 +106,31 @@ def test_kill_9_then_resume_gives_the_same_dataset(setup):
     for _, row in expected.iterrows():
         for column in ("image", "labels"):
             assert np.array_equal(np.asarray(Image.open(reference / row[column])), np.asarray(Image.open(interrupted / row[column])))
+
+
+def test_export_writes_coco_and_yolo_matching_the_label_pngs(setup):
+    from pycocotools.coco import COCO
+
+    from daamlib.datagen import export_labels, labelled_images
+    from daamlib.labels import clean_mask, instances, mask_to_polygons
+
+    out = setup / "exported"
+    run_cli(setup, out, "--export", "coco", "yolo")
+    images, categories = labelled_images(out)
+    assert categories == ["car", "person"]
+    coco = COCO(str(out / "annotations" / "instances.json"))
+    manifest = merged_manifest(out)
+    for image_id, (_, row) in enumerate(manifest.iterrows(), 1):
+        labels = np.asarray(Image.open(out / row["labels"]))
+        expected = instances(clean_mask(labels == 1))  # the prompt's one word has label 1
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+        assert len(annotations) == len(expected)
+        for annotation, mask in zip(annotations, expected):
+            assert coco.loadCats(annotation["category_id"])[0]["name"] == row["words"][0]
+            decoded = coco.annToMask(annotation).astype(bool)
+            assert (decoded & mask).sum() / (decoded | mask).sum() >= 0.8  # polygons approximate the pixels
+        yolo_lines = (out / "yolo" / Path(row["image"]).with_suffix(".txt")).read_text().splitlines()
+        assert len(yolo_lines) == sum(len(mask_to_polygons(mask)) for mask in expected) and all(line.split()[0] == str(categories.index(row["words"][0])) for line in yolo_lines)
+    assert (out / "yolo" / "classes.txt").read_text().split() == categories
+    with pytest.raises(ValueError, match="unknown export formats"):
+        export_labels(out, ["voc"])
