@@ -81,3 +81,29 @@ def examples_grid(dataset, methods: Mapping, per_class: int = 2, seeds: Mapping[
             overlay(axes[r, c], image, method(record, row), mask=dataset.mask(row), title=label)
     figure.tight_layout()
     return figure
+
+
+def label_grid(images: Sequence[np.ndarray], label_maps: Mapping[str, Sequence[np.ndarray]],
+               titles: Sequence[str] | None = None, size: float = 1.8):
+    """Rows: images; columns: the image, then each named label map (0 background, 255 uncertain in white)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    classes = plt.get_cmap("tab10")(np.arange(1, 10))
+    palette = ListedColormap(np.vstack([[1, 1, 1, 1], [0.15, 0.15, 0.15, 1], classes]))  # uncertain, background, 1..9
+    columns = 1 + len(label_maps)
+    figure, axes = plt.subplots(len(images), columns, figsize=(size * columns, size * len(images)), squeeze=False)
+    for r, image in enumerate(images):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_title(titles[r] if titles else "image", fontsize=8)
+        for c, (name, maps) in enumerate(label_maps.items(), 1):
+            labels = np.asarray(maps[r]).astype(int)
+            shown = np.where(labels == 255, 0, (labels - 1) % 9 + 2)  # palette index; background 0 -> 1
+            shown = np.where(labels == 0, 1, shown)
+            axes[r, c].imshow(image)
+            axes[r, c].imshow(shown, cmap=palette, vmin=0, vmax=10, alpha=0.6, interpolation="nearest")
+            axes[r, c].set_title(name, fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    figure.tight_layout()
+    return figure

@@ -90,3 +90,43 @@ def test_a_failing_notebook_stops_with_a_resume_command_and_resume_skips_finishe
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(FileNotFoundError, match="toy-full"):
         load_preset("no-such-preset")
+
+
+def test_label_export_counts_match_the_files(run_dir):
+    from pycocotools.coco import COCO
+
+    from daamlib.datagen import merged_manifest
+    from daamlib.labels import UNCERTAIN
+
+    recorded = results(run_dir, "07_labels_and_export")
+    manifest = merged_manifest(run_dir / "generated")
+    assert recorded["images"] == len(manifest) == 2
+    coco = COCO(str(run_dir / "generated" / "annotations" / "instances.json"))
+    assert recorded["coco_annotations"] == len(coco.getAnnIds()) == sum(recorded["instances_per_category"].values())
+    labels = np.stack([np.asarray(Image.open(run_dir / "generated" / path)) for path in manifest["labels"]])
+    assert recorded["labelled_percent"] == pytest.approx(100 * np.mean((labels > 0) & (labels != UNCERTAIN)))
+
+
+def test_pcc_scores_equal_a_direct_computation(run_dir):
+    recorded = results(run_dir, "08_pcc_segmentation")["miou_percent"]
+    dataset = ThesisDataset.open(run_dir / "pcc_dataset")
+    for class_name in dataset.classes:
+        pcc, background = [], []
+        for _, row in dataset.rows(class_name).iterrows():
+            truth = dataset.mask(row)
+            predicted = np.asarray(Image.open(dataset.directory / "pcc" / f"{row['name']}.png")) == 1 + dataset.classes.index(class_name)
+            both, either = (predicted & truth).sum(), (predicted | truth).sum()
+            rest, rest_union = (~predicted & ~truth).sum(), (~predicted | ~truth).sum()
+            pcc.append(50 * ((both / either if either else 1) + (rest / rest_union if rest_union else 1)))
+            background.append(50 * ((0 if truth.any() else 1) + (1 - truth.mean())))
+        assert recorded["PCC"][class_name] == pytest.approx(np.mean(pcc))
+        assert recorded["all background"][class_name] == pytest.approx(np.mean(background))
+
+
+def test_downstream_study_records_every_source(run_dir):
+    table = results(run_dir, "09_downstream_utility")["iou_percent"]
+    assert set(table) == {"DAAM", "optimized token (linear)", "PCC", "rendered, exact labels"}
+    for scores in table.values():
+        per_class = [scores[c] for c in ("car", "person", "traffic light", "rider") if scores[c] == scores[c]]  # NaN: class absent
+        assert all(0 <= value <= 100 for value in per_class)
+        assert scores["mean"] == pytest.approx(np.mean(per_class))
