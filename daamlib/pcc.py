@@ -28,8 +28,9 @@ from torch.nn import functional as F
 
 from .labels import BACKGROUND, UNCERTAIN
 from .methods import openvocab
-from .metrics import normalize
+from .metrics import iou, normalize
 from .record import Record
+from .text import TextEncoder
 
 
 @dataclass(frozen=True)
@@ -80,18 +81,11 @@ def class_maps(record: Record, words: dict[int, str], pipe) -> tuple[dict[int, n
     The words form one context phrase, so the maps share one softmax (SOT, the words, EOT)."""
     phrase = " ".join(words.values())
     maps = openvocab(record, phrase, pipe=pipe) if phrase not in record.contexts else openvocab(record, phrase)
-    from .text import TextEncoder
-
     tokens = TextEncoder(pipe).encode(phrase).tokens
     per_class = {}
     for label, word in words.items():
         per_class[label] = normalize(maps[list(tokens.token_indices(word))].mean(dim=0)).numpy()
     return per_class, normalize(maps[tokens.sot_index]).numpy()
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 0.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def classify_segments(segmentations: list[np.ndarray], maps: dict[int, np.ndarray], background: np.ndarray,
@@ -104,7 +98,7 @@ def classify_segments(segmentations: list[np.ndarray], maps: dict[int, np.ndarra
         for segments in segmentations:
             for segment in range(1, segments.max() + 1):
                 region = segments == segment
-                scores = [_iou(region, mask) for mask in binary]
+                scores = [iou(region, mask) for mask in binary]  # a region is never empty
                 votes[int(np.argmax(scores)), region] += 1
     winner = votes.argmax(axis=0)
     share = votes.max(axis=0) / votes.sum(axis=0).clip(min=1)

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..labels import heatmap_to_mask
 from ..methods import daam
+from ..metrics import iou
 from ..pcc import PCCConfig, pcc_segment
 
 
@@ -31,11 +32,7 @@ def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = 
 
 
 def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """IoU of the object, of the background, and their mean, for bool masks [H, W]."""
-    def iou(a, b):
-        union = np.logical_or(a, b).sum()
-        return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
+    """IoU of the object, of the background, and their mean, for bool masks [H, W] (an empty union scores 1)."""
     scores = {"object_iou": iou(predicted, truth), "background_iou": iou(~predicted, ~truth)}
     scores["miou"] = (scores["object_iou"] + scores["background_iou"]) / 2
     return scores
