@@ -41,8 +41,8 @@ from sections import (
 
 HERE = Path(__file__).resolve().parent
 CASES = {
-    "toy": Case("toy", "the embedded toy model (64x64 px, 16x16 latent), 30 PNDM steps", lambda: daamlib.load_pipeline(),
-                steps=30, size=None, repeats=7),
+    "toy": Case("toy", "the embedded toy model (64x64 px, 16x16 latent), 30 PNDM steps",
+                lambda: daamlib.load_pipeline(progress_bar=False), steps=30, size=None, repeats=7),
     "sd2-base": Case("sd2-base", "SD 2-base architecture, random weights, 512x512 px (64x64 latent)",
                      sd2_base_random_pipeline, steps=2, size=512, repeats=3),
     "sdxl-base": Case("sdxl-base", "SDXL-base architecture, random weights, 512x512 px (64x64 latent)",

@@ -225,6 +225,8 @@ def load_record(path: str | os.PathLike) -> Record:
             record.contexts.setdefault(context_names[int(index)], {})[layer] = tensor
         elif kind == "image":
             record.image = tensor.numpy()
+        elif kind == "linear_matrix":  # queried by a mat-vec per word: convert once, not on every query
+            record.linear_matrix = tensor.float()
         else:
             setattr(record, kind, tensor)
     return record

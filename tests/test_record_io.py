@@ -32,8 +32,14 @@ def test_record_round_trip(tmp_path, record):
 
 
 def test_half_precision_save(tmp_path, record):
-    loaded = daamlib.load_record(record.save(tmp_path / "half", dtype=torch.float16))
-    assert loaded.linear_matrix.dtype == torch.float16
+    path = record.save(tmp_path / "half", dtype=torch.float16)
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        assert handle.get_tensor("linear_matrix").dtype == torch.float16  # stored in half precision
+    loaded = daamlib.load_record(path)
+    assert loaded.linear_matrix.dtype == torch.float32  # converted once on load, not on every query
+    assert torch.equal(loaded.linear_matrix, record.linear_matrix.half().float())
     assert torch.allclose(daamlib.linear(loaded, "car"), daamlib.linear(record, "car"), rtol=1e-2, atol=1e-2)
 
 
