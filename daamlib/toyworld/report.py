@@ -1,6 +1,6 @@
 """Measure the shipped toy model and write ``docs/toyworld.md`` with its figures.
 
-    python -m daamlib.toyworld.report [--seeds 50] [--dataset-dir data/cache/toyworld-report]
+    python -m daamlib.toyworld.report [--seeds 50] [--dataset-dir DIR]
 
 It builds the thesis dataset on the toy model (4 classes × seeds, PNDM 30 steps), labels it with
 the annotator, and measures prompt fidelity, DAAM's max mIoU per class, and where each class
@@ -10,6 +10,7 @@ word's attention falls among the annotator's labels (rider vs bicycle, light vs 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 from pathlib import Path
@@ -176,14 +177,24 @@ def _targets(results: dict, annotator: dict) -> list[str]:
     return ["### Targets", "", *[f"- {'met' if ok else '**missed**'}: {text}" for text, ok in checks]]
 
 
+def model_fingerprint(model_dir: Path) -> str:
+    """A short hash of the model's weights: generated images cached for one model are never reused for another."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=50)
-    parser.add_argument("--dataset-dir", type=Path, default=data_dir() / "cache" / "toyworld-report")
+    parser.add_argument("--dataset-dir", type=Path, default=None,
+                        help="where the generated images are kept (default: data/cache/toyworld-report/<model hash>)")
     parser.add_argument("--output", type=Path, default=data_dir().parent / "docs" / "toyworld.md")
     args = parser.parse_args(argv)
     figure_path = args.output.parent / "figures" / "toyworld_examples.png"
-    results = measure(args.seeds, args.dataset_dir, figure_path)
+    dataset_dir = args.dataset_dir or data_dir() / "cache" / "toyworld-report" / model_fingerprint(toy_model_dir())
+    results = measure(args.seeds, dataset_dir, figure_path)
     write_report(results, args.output, figure_path)
     print(results["fidelity"].to_string(), results["daam"].to_string(), sep="\n\n")
 
