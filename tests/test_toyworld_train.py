@@ -39,7 +39,7 @@ def test_two_steps_of_every_stage_run_and_export_a_loadable_pipeline(tmp_path):
     config = tiny_config(tmp_path)
     T.train(config)
     for stage in ("vae", "annotator", "unet"):
-        assert torch.load(config.work_dir / f"{stage}.ckpt", weights_only=False)["step"] == 2
+        assert T._load_checkpoint(config.work_dir / f"{stage}.checkpoint.safetensors")["step"] == 2
     pipe = load_pipeline(config.output_dir, device="cpu", progress_bar=False)
     assert pipe.unet.config.sample_size == TINY.latent_size
     image = pipe("a car in an urban environment", num_inference_steps=2, output_type="np").images[0]
@@ -51,7 +51,7 @@ def test_two_steps_of_every_stage_run_and_export_a_loadable_pipeline(tmp_path):
 def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     straight = tiny_config(tmp_path / "straight", vae_steps=4)
     T.train(straight, stages=("data", "vae"))
-    expected = torch.load(straight.work_dir / "vae.ckpt", weights_only=False)["modules"]["vae"]
+    expected = T._load_checkpoint(straight.work_dir / "vae.checkpoint.safetensors")["modules"]["vae"]
 
     interrupted = tiny_config(tmp_path / "interrupted", vae_steps=4)
     save = T._Stage.save
@@ -66,7 +66,7 @@ def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
         T.train(interrupted, stages=("data", "vae"))
     monkeypatch.setattr(T._Stage, "save", save)
     T.train(interrupted, stages=("vae",))
-    resumed = torch.load(interrupted.work_dir / "vae.ckpt", weights_only=False)
+    resumed = T._load_checkpoint(interrupted.work_dir / "vae.checkpoint.safetensors")
     assert resumed["step"] == 4
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed["modules"]["vae"][name], tensor, rtol=0, atol=0)

@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..io import atomic_path, write_json
+from ..io import save_safetensors, write_json
 from ..models import data_dir, default_device, toy_model_dir
 from .annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
 from .architecture import (
@@ -82,13 +84,42 @@ class TrainConfig:
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _atomic_torch_save(state: dict, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        torch.save(state, temporary)
+def _save_checkpoint(state: dict, path: Path) -> None:
+    """Nested training state as safetensors (its tensors) + JSON (everything else), in one atomic file."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, "state", tensors)
+    save_safetensors(tensors, path, {"skeleton": json.dumps(skeleton)})
 
 
 def _load_checkpoint(path: Path) -> dict | None:
-    return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+    if not path.exists():
+        return None
+    with safe_open(path, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        skeleton = json.loads(handle.metadata()["skeleton"])
+    return _join(skeleton, tensors)
+
+
+def _split(value, prefix: str, tensors: dict):
+    """Replace tensors by references and keep dict keys' types (optimizer states use int keys)."""
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().to("cpu").clone().contiguous()
+        return {"tensor": prefix}
+    if isinstance(value, dict):
+        return {"items": [[key, _split(item, f"{prefix}/{key}", tensors)] for key, item in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return [_split(item, f"{prefix}/{index}", tensors) for index, item in enumerate(value)]
+    return value
+
+
+def _join(skeleton, tensors: dict):
+    if isinstance(skeleton, dict):
+        if "tensor" in skeleton:
+            return tensors[skeleton["tensor"]]
+        return {key: _join(item, tensors) for key, item in skeleton["items"]}
+    if isinstance(skeleton, list):
+        return [_join(item, tensors) for item in skeleton]
+    return skeleton
 
 
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
@@ -121,7 +152,7 @@ class _Stage:
         self.name, self.config, self.modules, self.optimizer, self.total = name, config, modules, optimizer, total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total))
         self.extra_state = extra_state or {}
-        self.path = config.work_dir / f"{name}.ckpt"
+        self.path = config.work_dir / f"{name}.checkpoint.safetensors"
         self.losses: list[float] = []
         self.step = 0
         self.seconds = 0.0
@@ -136,7 +167,7 @@ class _Stage:
             self.step, self.losses, self.seconds = checkpoint["step"], checkpoint["losses"], checkpoint["seconds"]
 
     def save(self) -> None:
-        _atomic_torch_save({
+        _save_checkpoint({
             "modules": {key: module.state_dict() for key, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "extra": {key: module.state_dict() for key, module in self.extra_state.items()},
@@ -289,13 +320,14 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
     arch = config.architecture
     scenes = SceneSet.load(config.scenes_path)
     tokenizer = build_clip_tokenizer()
-    latents_path = config.work_dir / "latents.pt"
+    latents_path = config.work_dir / "latents.safetensors"
     if not latents_path.exists():  # posteriors of every scene and of its mirror image
         vae = vae.to(config.device).eval()
         means, stds = _encode(vae, scenes.images, config.device)
         flipped_means, flipped_stds = _encode(vae, np.ascontiguousarray(scenes.images[:, :, ::-1]), config.device)
-        _atomic_torch_save({"means": torch.stack([means, flipped_means]), "stds": torch.stack([stds, flipped_stds])}, latents_path)
-    posteriors = torch.load(latents_path)
+        save_safetensors({"means": torch.stack([means, flipped_means]).contiguous(),
+                          "stds": torch.stack([stds, flipped_stds]).contiguous()}, latents_path)
+    posteriors = load_file(latents_path)
     scaling = vae.config.scaling_factor
     unet, text_encoder = build_unet(arch).to(config.device).train(), build_text_encoder(arch, tokenizer).to(config.device).train()
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
