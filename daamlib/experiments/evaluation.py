@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..methods import daam, linear, openvocab
+from ..methods import daam, linear
 from ..metrics import iou_curve, summarize, thresholds
 from ..optimize import OptimizedTokens, heatmaps
 from ..record import Record
@@ -57,8 +57,7 @@ class Curves:
 def heatmap_method(name: str, tokens: dict[str, OptimizedTokens] | None = None, pipe=None) -> HeatmapFn:
     """A heatmap function by name: "daam", "linear", or "optimized" (``tokens`` per class).
 
-    Optimized tokens use the record's re-run context named after the class when there is one
-    (``trace(contexts={class_name: vectors})``), else the linear matrix or the query cache.
+    Optimized tokens use the linear matrix (linear variant) or the query cache (softmax variant).
     """
     if name == "daam":
         return lambda record, row: daam(record, row["word"])
@@ -70,8 +69,6 @@ def heatmap_method(name: str, tokens: dict[str, OptimizedTokens] | None = None, 
 
         def optimized(record: Record, row) -> torch.Tensor:
             found = tokens[row["class_name"]]
-            if found.variant == "softmax" and row["class_name"] in record.contexts:
-                return openvocab(record, row["class_name"])[0]
             return heatmaps(record, found.vectors, found.variant, pipe)[0]
 
         return optimized

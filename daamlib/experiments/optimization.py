@@ -15,6 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..generation import generate
+from ..methods import openvocab
 from ..optimize import OptimizedTokens, optimize_tokens
 from .dataset import ThesisDataset
 from .evaluation import Curves, class_curves, heatmap_method
@@ -90,27 +91,36 @@ def run_optimization_study(
                 if path is not None:
                     tokens.save(path)
                 study.tokens[(variant, size, class_name)] = tokens
+        if variant == "softmax":  # one re-run per image evaluates every train size's tokens at once
+            rerun = _rerun_with_tokens(dataset, pipe, study.tokens, train_sizes, generation_kwargs)
         for size in train_sizes:
-            chosen = {name: study.tokens[(variant, size, name)] for name in dataset.classes}
             if variant == "softmax":
-                records = _rerun_with_tokens(dataset, pipe, {n: study.tokens[(variant, size, n)] for n in dataset.classes},
-                                             generation_kwargs)
-                study.curves[(variant, size)] = class_curves(dataset, heatmap_method("optimized", chosen, pipe),
-                                                             records=lambda row: records[row["name"]])
+                study.curves[(variant, size)] = class_curves(dataset, _context_map(_context_name(size)),
+                                                             records=lambda row: rerun[row["name"]])
             else:
+                chosen = {name: study.tokens[(variant, size, name)] for name in dataset.classes}
                 study.curves[(variant, size)] = class_curves(dataset, heatmap_method("optimized", chosen, pipe))
     return study
+
+
+def _context_name(size: int) -> str:
+    return f"softmax-{size}"
+
+
+def _context_map(name: str):
+    """The object token's softmax map from a re-run context (keys: object, background)."""
+    return lambda record, row: openvocab(record, name)[0]
 
 
 def _regenerate(pipe, row, generation_kwargs: dict, **trace_kwargs):
     return generate(pipe, row["prompt"], seed=int(row["seed"]), **generation_kwargs, **trace_kwargs)[0]
 
 
-def _rerun_with_tokens(dataset: ThesisDataset, pipe, tokens: dict[str, OptimizedTokens], generation_kwargs: dict) -> dict:
-    """Re-run every image with its class's optimized vectors attached (softmax maps without a query cache)."""
+def _rerun_with_tokens(dataset: ThesisDataset, pipe, tokens: dict, train_sizes: Sequence[int], generation_kwargs: dict) -> dict:
+    """Re-run every image with its class's softmax tokens of every train size attached as contexts
+    named ``softmax-<size>`` (softmax maps of optimized vectors without a query cache)."""
     records = {}
     for _, row in dataset.manifest.iterrows():
-        vectors = tokens[row["class_name"]].vectors
-        records[row["name"]] = _regenerate(pipe, row, generation_kwargs,
-                                           contexts={row["class_name"]: vectors})
+        contexts = {_context_name(size): tokens[("softmax", size, row["class_name"])].vectors for size in train_sizes}
+        records[row["name"]] = _regenerate(pipe, row, generation_kwargs, contexts=contexts)
     return records
