@@ -120,6 +120,19 @@ def curve_bands(per_image: np.ndarray, low: float = 5, high: float = 95) -> dict
     }
 
 
+def pooled_iou(predicted: np.ndarray, target: np.ndarray, label_ids: Mapping[str, int]) -> dict[str, float]:
+    """IoU per label over a whole set of label maps (pixels pooled over images), keyed by name;
+    NaN for a label found in neither."""
+    predicted, target = np.asarray(predicted), np.asarray(target)
+    if predicted.shape != target.shape:
+        raise ValueError(f"label map shapes differ: {predicted.shape} vs {target.shape}")
+    scores = {}
+    for name, label in label_ids.items():
+        union = np.logical_or(predicted == label, target == label).sum()
+        scores[name] = float(np.logical_and(predicted == label, target == label).sum() / union) if union else float("nan")
+    return scores
+
+
 def pearson(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """Pearson correlation of two maps (flattened); NaN when either is constant."""
     a = np.asarray(a, dtype=float).ravel()

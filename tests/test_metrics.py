@@ -68,3 +68,18 @@ def test_bad_inputs_fail_clearly():
         metrics.iou_curve(torch.rand(4, 4), np.zeros((8, 8), bool), taus=[0.0, 2.0])
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.iou(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_pooled_iou_counts_pixels_over_the_whole_set():
+    predicted = np.zeros((2, 4, 4), np.uint8)
+    target = np.zeros((2, 4, 4), np.uint8)
+    predicted[0, :2] = 1  # 8 pixels of label 1 in image 0
+    target[0, :1] = 1  # 4 of them right
+    target[1, :1] = 1  # 4 missed in image 1
+    target[1, 3] = 2  # label 2 never predicted
+    scores = metrics.pooled_iou(predicted, target, {"one": 1, "two": 2, "absent": 3})
+    assert scores["one"] == pytest.approx(4 / 12)  # pooled, not the mean of 0.5 and 0.0
+    assert scores["two"] == 0.0
+    assert np.isnan(scores["absent"])
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.pooled_iou(predicted, target[:1], {"one": 1})

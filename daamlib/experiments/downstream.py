@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..labels import UNCERTAIN, heatmap_to_mask
+from ..metrics import pooled_iou
 from ..toyworld import labels as L
 from ..toyworld.annotator import SegmentationNet, images_to_tensor
 from ..toyworld.dataset import SceneSet
@@ -72,11 +73,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, num_labels: int, ste
 def evaluate_segmenter(net: SegmentationNet, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
     """IoU per class pooled over the evaluation set (0..1), and their mean under "mean"."""
     predicted = torch.cat([net(batch).argmax(dim=1) for batch in images_to_tensor(images).split(64)]).numpy()
-    scores = {}
-    for index, name in enumerate(classes):
-        label = 1 + index
-        union = np.logical_or(predicted == label, labels == label).sum()
-        scores[name] = float(np.logical_and(predicted == label, labels == label).sum() / union) if union else float("nan")
+    scores = pooled_iou(predicted, labels, {name: 1 + index for index, name in enumerate(classes)})
     scores["mean"] = float(np.nanmean([scores[name] for name in classes]))
     return scores
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from ..metrics import pooled_iou
 from . import labels as L
 
 LABEL_IDS = tuple(sorted(L.NAMES))  # network output channel c predicts train id LABEL_IDS[c]
@@ -113,14 +114,9 @@ def annotate(images, model_dir: str | Path | None = None, device: str | torch.de
     return Annotator.from_pretrained(directory / "annotator", device)(images)
 
 
-def dataset_iou(predicted: np.ndarray, target: np.ndarray, label_ids=None) -> dict[str, float]:
-    """IoU per class over a whole set (pixels pooled over images), keyed by class name."""
-    label_ids = label_ids if label_ids is not None else [L.IDS[name] for name in L.MAIN_CLASSES]
-    scores = {}
-    for label in label_ids:
-        union = np.logical_or(predicted == label, target == label).sum()
-        scores[L.NAMES[label]] = float(np.logical_and(predicted == label, target == label).sum() / union) if union else float("nan")
-    return scores
+def dataset_iou(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """IoU of the thesis' four classes over a whole set of label maps (pixels pooled), keyed by class name."""
+    return pooled_iou(predicted, target, {name: L.IDS[name] for name in L.MAIN_CLASSES})
 
 
 def find_annotator(model: str | Path | None) -> Path | None:
