@@ -7,7 +7,8 @@ Samples are the (prompt, seed) pairs of a prompt set (``daamlib.prompts``), numb
 shard i of n takes the indices i, i + n, i + 2n, ... (under ``accelerate launch`` the shard comes
 from ``RANK``/``WORLD_SIZE``). Each sample is a folder ``samples/<index>`` whose ``meta.json`` is
 written last, so a folder without it is unfinished and is redone on resume. Each shard keeps a
-Parquet manifest that is rewritten atomically after every sample and lists finished samples only.
+Parquet manifest that is rewritten atomically after every newly generated sample and lists finished
+samples only.
 """
 
 from __future__ import annotations
@@ -151,16 +152,17 @@ def generate_dataset(pipe, prompt_set: PromptSet, out_dir: str | os.PathLike, se
         row = {"index": sample.index, "prompt": sample.prompt, "seed": sample.seed, "attributes": sample.attributes,
                "words": sample.words, "image": f"{sample.folder}/image.png", "record": f"{sample.folder}/record.safetensors",
                "labels": f"{sample.folder}/labels.png"}
-        if not (folder / "meta.json").exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            (record,) = generate(pipe, sample.prompt, seed=sample.seed, num_inference_steps=settings.num_inference_steps,
-                                 guidance_scale=settings.guidance_scale, pipe_kwargs=pipe_kwargs, **trace_kwargs)
-            record.save(out_dir / row["record"], dtype=dtype)
-            save_png(record.image, out_dir / row["image"])
-            write_semantic_png(out_dir / row["labels"], label_map(record, sample.words, record.image.shape, settings))
-            write_json(folder / "meta.json", {**asdict(sample), "settings": asdict(settings), "model": record.meta.model_id})
         rows.append(row)
-        _write_manifest(manifest_path, rows)
+        if (folder / "meta.json").exists():  # finished by an earlier run
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        (record,) = generate(pipe, sample.prompt, seed=sample.seed, num_inference_steps=settings.num_inference_steps,
+                             guidance_scale=settings.guidance_scale, pipe_kwargs=pipe_kwargs, **trace_kwargs)
+        record.save(out_dir / row["record"], dtype=dtype)
+        save_png(record.image, out_dir / row["image"])
+        write_semantic_png(out_dir / row["labels"], label_map(record, sample.words, record.image.shape, settings))
+        write_json(folder / "meta.json", {**asdict(sample), "settings": asdict(settings), "model": record.meta.model_id})
+        _write_manifest(manifest_path, rows)  # lists this sample only now that it is complete
     _write_manifest(manifest_path, rows)
     return pd.read_parquet(manifest_path)
 
