@@ -108,19 +108,31 @@ def test_label_export_counts_match_the_files(run_dir):
 
 
 def test_pcc_scores_equal_a_direct_computation(run_dir):
-    recorded = results(run_dir, "08_pcc_segmentation")["miou_percent"]
+    scores = results(run_dir, "08_pcc_segmentation")
+    recorded = scores["binary_miou_percent"]
     dataset = ThesisDataset.open(run_dir / "pcc_dataset")
+    pcc_maps, truth_maps = [], []
     for class_name in dataset.classes:
         pcc, background = [], []
         for _, row in dataset.rows(class_name).iterrows():
             truth = dataset.mask(row)
-            predicted = np.asarray(Image.open(dataset.directory / "pcc" / f"{row['name']}.png")) == 1 + dataset.classes.index(class_name)
+            label_map = np.asarray(Image.open(dataset.directory / "pcc" / f"{row['name']}.png"))
+            predicted = label_map == 1 + dataset.classes.index(class_name)
+            pcc_maps.append(label_map)
+            truth_maps.append(np.where(truth, 1 + dataset.classes.index(class_name), 0))
             both, either = (predicted & truth).sum(), (predicted | truth).sum()
             rest, rest_union = (~predicted & ~truth).sum(), (~predicted | ~truth).sum()
             pcc.append(50 * ((both / either if either else 1) + (rest / rest_union if rest_union else 1)))
             background.append(50 * ((0 if truth.any() else 1) + (1 - truth.mean())))
         assert recorded["PCC"][class_name] == pytest.approx(np.mean(pcc))
         assert recorded["all background"][class_name] == pytest.approx(np.mean(background))
+    # semantic mIoU: IoU per label with every image's pixels pooled
+    pcc_maps, truth_maps = np.stack(pcc_maps), np.stack(truth_maps)
+    semantic = scores["semantic_miou_percent"]["PCC"]
+    for label, name in enumerate(["background", *dataset.classes]):
+        union = ((pcc_maps == label) | (truth_maps == label)).sum()
+        if union:
+            assert semantic[name] == pytest.approx(100 * ((pcc_maps == label) & (truth_maps == label)).sum() / union)
 
 
 def test_downstream_study_records_every_source(run_dir):

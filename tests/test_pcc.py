@@ -45,3 +45,30 @@ def test_pcc_runs_on_a_traced_generation(pipe):
     assert set(np.unique(full)) <= {BACKGROUND, 13, UNCERTAIN}
     with pytest.raises(KeyError, match="self_attention=True"):
         self_attention_features(daamlib.generate(pipe, "a car", seed=0, num_inference_steps=2, height=32, width=32)[0])
+
+
+def test_pcc_on_toy_generations_beats_the_trivial_baselines(tmp_path):
+    """Semantic mIoU against the annotator, pooled over 2 seeds x 4 classes of the thesis prompt (30 steps)."""
+    from daamlib.experiments import build_dataset
+    from daamlib.experiments.dataset import annotate_toy_dataset
+    from daamlib.experiments.segmentation import SINGLE_CLUSTER, baseline_labels, pcc_labels, semantic_scores, truth_labels
+    from daamlib.metrics import iou
+    from daamlib.toyworld import labels as L
+    from daamlib.toyworld.annotator import Annotator, find_annotator
+
+    toy = daamlib.load_pipeline(device="cpu", progress_bar=False)
+    classes = list(L.MAIN_CLASSES)
+    dataset = build_dataset(toy, tmp_path / "pcc", classes, range(2), self_attention=True,
+                            contexts=[L.CLASS_WORD[name] for name in classes], progress=False)
+    annotate_toy_dataset(dataset, Annotator.from_pretrained(find_annotator(None)))
+    predictions = {"PCC": pcc_labels(dataset, toy, progress=False),
+                   "single cluster": pcc_labels(dataset, toy, SINGLE_CLUSTER, progress=False),
+                   **baseline_labels(dataset)}
+    table = semantic_scores(dataset, predictions)
+    # the pooled score, recomputed label by label from the stacked maps
+    truth = truth_labels(dataset)
+    for label, name in enumerate(["background", *classes]):
+        assert table.loc["PCC", name] == pytest.approx(100 * iou(predictions["PCC"] == label, truth == label))
+    assert table.loc["all background", "mIoU"] == pytest.approx(100 * np.mean(truth == 0) / (1 + len(classes)))
+    assert table.loc["PCC", "mIoU"] > table.loc["all background", "mIoU"] + 2, table
+    assert table.loc["PCC", "mIoU"] > table.loc["single cluster", "mIoU"] + 2, table

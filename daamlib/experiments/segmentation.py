@@ -1,9 +1,16 @@
 """PCC self-attention segmentation over a dataset, scored against its ground-truth masks (notebook 08).
 
-Each sample's prompt names one class; PCC labels its pixels with that class, the background or
-"uncertain". Scores are the IoU of the class and of the background against the ground truth and
-their mean (mIoU over the two labels, uncertain pixels counted as background), beside two
-baselines: the class word's DAAM mask at τ, and "all background" (the trivial answer).
+Each sample's prompt names one class; a method labels its pixels with that class (1 + its index in
+``dataset.classes``), the background (0) or "uncertain" (255). Methods are compared by two scores:
+
+* **semantic mIoU** (as Pascal VOC, where the PCC report was scored): IoU per label — background
+  and every class — with pixels pooled over the whole dataset, and their mean. A predicted
+  "uncertain" pixel matches no label.
+* **binary mIoU** per image: the IoU of the prompt's class and of the background, and their mean
+  (uncertain pixels counted as background); averaged per class.
+
+Baselines beside PCC: the class word's DAAM mask at τ, "all background", and PCC with a single
+cluster (the whole latent grid as one segment, classified by the same vote).
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from tqdm.auto import tqdm
 
 from ..labels import heatmap_to_mask
 from ..methods import daam
-from ..metrics import iou
+from ..metrics import iou, pooled_iou
 from ..pcc import PCCConfig, pcc_segment
+
+SINGLE_CLUSTER = PCCConfig(cluster_counts=(1,))
 
 
 def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = True) -> np.ndarray:
@@ -31,6 +40,33 @@ def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = 
     return np.stack(labels)
 
 
+def truth_labels(dataset) -> np.ndarray:
+    """Ground truth as label maps uint8 [N, H, W]: 1 + the sample's class index on its mask, else 0."""
+    return np.stack([np.where(dataset.mask(row), 1 + dataset.classes.index(row["class_name"]), 0)
+                     for _, row in dataset.manifest.iterrows()]).astype(np.uint8)
+
+
+def baseline_labels(dataset, tau: float = 0.4) -> dict[str, np.ndarray]:
+    """Label maps [N, H, W] of the class word's DAAM mask at τ and of the all-background answer."""
+    daam_labels = []
+    for _, row in dataset.manifest.iterrows():
+        mask = heatmap_to_mask(daam(dataset.record(row), row["word"]), dataset.mask(row).shape, "fixed", tau)
+        daam_labels.append(np.where(mask, 1 + dataset.classes.index(row["class_name"]), 0))
+    daam_labels = np.stack(daam_labels).astype(np.uint8)
+    return {f"DAAM (τ = {tau})": daam_labels, "all background": np.zeros_like(daam_labels)}
+
+
+def semantic_scores(dataset, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Pooled IoU (%) per label and their mean "mIoU"; rows = methods, columns = background, classes, mIoU."""
+    truth = truth_labels(dataset)
+    label_ids = {"background": 0, **{name: 1 + index for index, name in enumerate(dataset.classes)}}
+    rows = {}
+    for method, predicted in predictions.items():
+        scores = pooled_iou(predicted, truth, label_ids)
+        rows[method] = {**{key: 100 * value for key, value in scores.items()}, "mIoU": 100 * np.nanmean(list(scores.values()))}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """IoU of the object, of the background, and their mean, for bool masks [H, W] (an empty union scores 1)."""
     scores = {"object_iou": iou(predicted, truth), "background_iou": iou(~predicted, ~truth)}
@@ -38,19 +74,13 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return scores
 
 
-def segmentation_scores(dataset, pcc: np.ndarray, tau: float = 0.4) -> pd.DataFrame:
-    """Per sample and method (PCC, DAAM at τ, all background): object / background IoU and mIoU, in percent."""
-    classes = dataset.classes
+def segmentation_scores(dataset, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
+    """Per sample and method: object / background IoU and their mean, in percent."""
     rows = []
     for index, (_, row) in enumerate(dataset.manifest.iterrows()):
         truth = dataset.mask(row)
-        record = dataset.record(row)
-        predictions = {
-            "PCC": pcc[index] == 1 + classes.index(row["class_name"]),
-            f"DAAM (τ = {tau})": heatmap_to_mask(daam(record, row["word"]), truth.shape, "fixed", tau),
-            "all background": np.zeros_like(truth),
-        }
+        label = 1 + dataset.classes.index(row["class_name"])
         for method, predicted in predictions.items():
-            scores = {key: 100 * value for key, value in binary_scores(predicted, truth).items()}
+            scores = {key: 100 * value for key, value in binary_scores(predicted[index] == label, truth).items()}
             rows.append({"name": row["name"], "class_name": row["class_name"], "method": method, **scores})
     return pd.DataFrame(rows)

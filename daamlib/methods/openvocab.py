@@ -75,26 +75,32 @@ def openvocab_maps(
         return _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample)
 
 
-_STEPS_PER_BATCH = 8  # steps whose softmax is computed in one batched matmul (bounds memory)
+_BATCH_ELEMENTS = 2**24  # query values (float32) of the steps batched into one matmul: bounds its memory
 
 
 def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> torch.Tensor:
     chosen = chosen_layers(record, layers, {layer for layer, _ in record.queries})
     step_filter = set(select_steps(record, steps))
+    queries_by_layer: dict[str, list[torch.Tensor]] = {}  # layer -> [hw, inner] per chosen step
+    for (name, step), query in record.queries.items():
+        if step in step_filter:
+            queries_by_layer.setdefault(name, []).append(query)
     per_layer: dict[str, torch.Tensor] = {}
     for meta in chosen:
-        step_queries = [q for (name, step), q in record.queries.items() if name == meta.name and step in step_filter]
+        step_queries = queries_by_layer.get(meta.name)
         if not step_queries:
             continue
         to_k = pipe.unet.get_submodule(meta.name).to_k
         keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
-        keys = split_heads(keys[None], meta.heads)[0].transpose(-1, -2)  # [heads, d, m]; W_k X' is the same every step
+        keys = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]; W_k X' is the same every step
+        steps_per_batch = max(1, _BATCH_ELEMENTS // step_queries[0].numel())
         total = 0
-        for start in range(0, len(step_queries), _STEPS_PER_BATCH):
-            batch = torch.stack(step_queries[start : start + _STEPS_PER_BATCH]).float()  # [s, hw, inner]
+        for start in range(0, len(step_queries), steps_per_batch):
+            batch = torch.stack(step_queries[start : start + steps_per_batch]).float()  # [s, hw, inner]
             q = split_heads(batch, meta.heads)  # [s, heads, hw, d]
-            total = total + torch.softmax(q @ keys * meta.scale, dim=-1).sum(dim=(0, 1))  # [hw, m]
-        per_layer[meta.name] = total
+            # logits laid out [s, heads, m, hw]: the softmax over the few keys runs along pixels (4x faster on CPU)
+            total = total + torch.softmax(keys @ q.transpose(-1, -2) * meta.scale, dim=-2).sum(dim=(0, 1))  # [m, hw]
+        per_layer[meta.name] = total.T  # [hw, m]
     if not per_layer:
         raise KeyError("no cached queries match the chosen layers and steps")
     present = [layer for layer in chosen if layer.name in per_layer]
