@@ -27,22 +27,25 @@ from ..pcc import PCCConfig, pcc_segment
 SINGLE_CLUSTER = PCCConfig(cluster_counts=(1,))
 
 
+def class_label(dataset, row) -> int:
+    """The label id of a sample's class: 1 + its index in ``dataset.classes`` (0 is the background)."""
+    return 1 + dataset.classes.index(row["class_name"])
+
+
 def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = True) -> np.ndarray:
     """PCC labels uint8 [N, H, W]: 1 + the class index in ``dataset.classes``, 0 background, 255 uncertain.
 
     Records need ``trace(self_attention=True)`` and the class word as a context (or a query cache)."""
-    classes = dataset.classes
     labels = []
     for _, row in tqdm(list(dataset.manifest.iterrows()), desc="PCC", disable=not progress):
-        label = 1 + classes.index(row["class_name"])
-        _, image_labels = pcc_segment(dataset.record(row), {label: row["word"]}, pipe, config)
+        _, image_labels = pcc_segment(dataset.record(row), {class_label(dataset, row): row["word"]}, pipe, config)
         labels.append(image_labels)
     return np.stack(labels)
 
 
 def truth_labels(dataset) -> np.ndarray:
     """Ground truth as label maps uint8 [N, H, W]: 1 + the sample's class index on its mask, else 0."""
-    return np.stack([np.where(dataset.mask(row), 1 + dataset.classes.index(row["class_name"]), 0)
+    return np.stack([np.where(dataset.mask(row), class_label(dataset, row), 0)
                      for _, row in dataset.manifest.iterrows()]).astype(np.uint8)
 
 
@@ -51,7 +54,7 @@ def baseline_labels(dataset, tau: float = 0.4) -> dict[str, np.ndarray]:
     daam_labels = []
     for _, row in dataset.manifest.iterrows():
         mask = heatmap_to_mask(daam(dataset.record(row), row["word"]), dataset.mask(row).shape, "fixed", tau)
-        daam_labels.append(np.where(mask, 1 + dataset.classes.index(row["class_name"]), 0))
+        daam_labels.append(np.where(mask, class_label(dataset, row), 0))
     daam_labels = np.stack(daam_labels).astype(np.uint8)
     return {f"DAAM (τ = {tau})": daam_labels, "all background": np.zeros_like(daam_labels)}
 
@@ -76,11 +79,12 @@ def binary_scores(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def segmentation_scores(dataset, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per sample and method: object / background IoU and their mean, in percent."""
+    truth = truth_labels(dataset)
     rows = []
     for index, (_, row) in enumerate(dataset.manifest.iterrows()):
-        truth = dataset.mask(row)
-        label = 1 + dataset.classes.index(row["class_name"])
+        label = class_label(dataset, row)
         for method, predicted in predictions.items():
-            scores = {key: 100 * value for key, value in binary_scores(predicted[index] == label, truth).items()}
+            scores = binary_scores(predicted[index] == label, truth[index] == label)
+            scores = {key: 100 * value for key, value in scores.items()}
             rows.append({"name": row["name"], "class_name": row["class_name"], "method": method, **scores})
     return pd.DataFrame(rows)
