@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -15,17 +15,32 @@ import numpy as np
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) to write to; it replaces ``path`` when the
-    ``with`` block succeeds and is removed when it fails."""
+    ``with`` block succeeds and is removed when it fails.
+
+    The temporary file is created with mode 0666 filtered by the process umask, as ``open()`` does
+    (``tempfile.mkstemp`` would give 0600), so the final file has the permissions users expect."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
+    temporary = _create_temporary(path)
     try:
         yield Path(temporary)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _create_temporary(path: Path) -> str:
+    """Create an empty, new file beside ``path`` (same suffix) with mode 0666 & ~umask; returns its name."""
+    for _ in range(100):
+        temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{path.suffix}"
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(handle)
+        return str(temporary)
+    raise FileExistsError(f"could not create a temporary file beside {path}; remove stale .{path.name}.* files")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

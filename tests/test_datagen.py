@@ -37,7 +37,7 @@ def test_templates_expand_as_a_product_with_their_own_seeds():
 @pytest.mark.parametrize("template, message", [
     ({"template": "a {object} at {time}", "attributes": {"object": ["car"]}}, r"uses \['time'\]"),
     ({"template": "a {object}", "attributes": {"object": []}}, "empty"),
-    ({"template": "a {object}", "attributes": {"object": ["car"]}, "colour": "red"}, "unknown template keys"),
+    ({"template": "a {object}", "attributes": {"object": ["car"]}, "colour": "red"}, "unknown keys"),
     ({"template": "a {object}", "attributes": {"object": ["car"]}, "mode": "sample"}, "needs samples"),
 ])
 def test_bad_prompt_sets_fail_clearly(template, message):
