@@ -88,14 +88,34 @@ def naive_linear(calls, row, x, latent, mode="bilinear"):
     return total
 
 
-def naive_daam02(calls, row, token, latent):
-    """daam 0.2.0: per (layer, head) time sum, bicubic up, clamp >= 0, mean over (layer, head); skip 1/8 layers."""
+def daam02_hooked_layers(unet):
+    """Names of the attn2 modules the daam 0.2.0 locator hooks: it walks the up and down blocks whose
+    class is a CrossAttn block, never the mid block (``locate_middle_block`` is off unless heads are
+    saved or loaded)."""
+    names = set()
+    for prefix, blocks in (("up_blocks", unet.up_blocks), ("down_blocks", unet.down_blocks)):
+        for i, block in enumerate(blocks):
+            if "CrossAttn" not in type(block).__name__:
+                continue
+            for j, transformer in enumerate(block.attentions):
+                for k, _ in enumerate(transformer.transformer_blocks):
+                    names.add(f"{prefix}.{i}.attentions.{j}.transformer_blocks.{k}.attn2")
+    return names
+
+
+def naive_daam02(calls, row, token, latent, unet):
+    """daam 0.2.0: only the hooked layers (no mid block); factor = int(sqrt(latent_hw // hw)), factor-8
+    layers skipped; per (layer, head) time sum, bicubic up, clamp >= 0, mean over (layer, head)."""
+    hooked = daam02_hooked_layers(unet)
+    latent_hw = latent[0] * latent[1]
     sums = {}
     for call in calls:
-        probs = call["probs"][row]
-        h, w = grid(probs.shape[1], latent)
-        if latent[0] // h == 8:
+        if call["layer"] not in hooked:
             continue
+        probs = call["probs"][row]
+        if int(math.sqrt(latent_hw // probs.shape[1])) == 8:
+            continue
+        h, w = grid(probs.shape[1], latent)
         for head in range(probs.shape[0]):
             key = (call["layer"], head)
             sums[key] = sums.get(key, 0) + probs[head, :, token].reshape(h, w)

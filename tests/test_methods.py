@@ -1,17 +1,20 @@
 import pytest
 import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 import daamlib
-from naive import naive_daam, naive_daam02, naive_linear, record_everything
+from daamlib.methods.daam import daam_02_layers
+from daamlib.testing import TEXT_DIM, clip_tokenizer, tiny_text_encoder
+from naive import daam02_hooked_layers, naive_daam, naive_daam02, naive_linear, record_everything
 
 PROMPT = "a car and a tree in an urban environment"
 
 
-def generate(pipe, size=(32, 48), **trace_kwargs):
+def generate(pipe, size=(32, 48), output_type="np", **trace_kwargs):
     """Naive full capture and daamlib's record of the same seeded generation."""
     def run():
         return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
-                    height=size[0], width=size[1], output_type="np")
+                    height=size[0], width=size[1], output_type=output_type)
     calls, _ = record_everything(pipe, run)
     with daamlib.trace(pipe, **trace_kwargs) as tr:
         run()
@@ -71,11 +74,57 @@ def test_openvocab_context_without_padding_is_a_distribution_over_its_tokens(pip
     assert daamlib.openvocab(record, context, "bicycle", pipe=pipe).shape == (16, 24)
 
 
+def five_level_pipeline():
+    """A tiny random SD pipeline with cross-attention at 1, 1/2, 1/4, 1/8, 1/16 of the latent: the mid
+    block sits at 1/16, so it is not among the 1/8 layers daam 0.2.0 skips."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,) * 5,
+        down_block_types=("CrossAttnDownBlock2D",) * 5, up_block_types=("CrossAttnUpBlock2D",) * 5,
+        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=tiny_text_encoder(), tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_daam_02_mode_reproduces_the_original_package(pipe):
-    calls, record = generate(pipe, size=(64, 64), per_head=True)  # latent 32: the 4x4 layers are skipped
+    calls, record = generate(pipe, size=(64, 64), per_head=True)  # latent 32: layers at 32, 16, 8; mid block at 8 (1/4)
     token = record.tokens.token_indices("car")[0]
-    naive = naive_daam02(calls, row=1, token=token, latent=(32, 32))
+    naive = naive_daam02(calls, row=1, token=token, latent=(32, 32), unet=pipe.unet)
     assert torch.allclose(daamlib.daam(record, "car", mode="daam-0.2"), naive, rtol=1e-4, atol=1e-6)
+
+
+def test_daam_02_mode_skips_the_mid_block_and_the_eighth_layers_on_a_five_level_unet():
+    pipe = five_level_pipeline()
+    calls, record = generate(pipe, size=(64, 64), output_type="latent", per_head=True)
+    resolutions = {layer.name: layer.resolution for layer in record.cross_layers}
+    mid = [name for name in resolutions if name.startswith("mid_block")]
+    assert resolutions[mid[0]] == (2, 2)  # the mid block is at 1/16 of the 32x32 latent, not 1/8
+    eighth = sorted(name for name, size in resolutions.items() if size == (4, 4))
+    assert len(eighth) == 3  # one down-block and two up-block layers at 1/8
+    used = {layer.name for layer in daam_02_layers(record)}
+    assert used == daam02_hooked_layers(pipe.unet) - set(eighth)
+    assert not used & set(mid) and len(used) == len(resolutions) - 1 - 3
+    token = record.tokens.token_indices("car")[0]
+    naive = naive_daam02(calls, row=1, token=token, latent=(32, 32), unet=pipe.unet)
+    ours = daamlib.daam(record, "car", mode="daam-0.2")
+    assert torch.allclose(ours, naive, rtol=1e-4, atol=1e-6), (ours - naive).abs().max()
+    with pytest.raises(ValueError, match="never uses layers .*mid_block"):
+        daamlib.daam(record, "car", mode="daam-0.2", layers=mid)
+    with pytest.raises(ValueError, match="never uses layers"):
+        daamlib.daam(record, "car", mode="daam-0.2", layers=eighth[:1])
+    one = sorted(used)[0]
+    assert torch.allclose(daamlib.daam(record, "car", mode="daam-0.2", layers=[one]),
+                          naive_daam02([c for c in calls if c["layer"] == one], 1, token, (32, 32), pipe.unet), rtol=1e-4, atol=1e-6)
 
 
 def test_layer_and_step_filters(pipe):
