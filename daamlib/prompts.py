@@ -66,10 +66,12 @@ def _check_count(value, name: str, minimum: int) -> int:
     return value
 
 
-def _check_string_list(value, name: str) -> list[str]:
+def _check_string_list(value, name: str, allow_empty: bool = False) -> list[str]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise ValueError(f"{name} must be a list of strings, not {value!r}; write [{value!r}] for a single value"
                          if isinstance(value, str) else f"{name} must be a list of strings, not {value!r}")
+    if not value and not allow_empty:
+        raise ValueError(f"{name} is empty; give it at least one value")
     bad = [item for item in value if not isinstance(item, str) or not item.strip()]
     if bad:
         raise ValueError(f"{name} must hold non-empty strings; {bad!r} are not")
@@ -108,7 +110,7 @@ class PromptTemplate:
             raise ValueError(f"attributes of {self.template!r} must be a mapping name -> list of values, not {self.attributes!r}")
         self.attributes = {name: _check_string_list(values, f"attribute {name!r} of {self.template!r}")
                            for name, values in self.attributes.items()}
-        self.words = _check_string_list(self.words, f"words of {self.template!r}")
+        self.words = _check_string_list(self.words, f"words of {self.template!r}", allow_empty=True)
         missing, unused = keys - set(self.attributes), set(self.attributes) - keys
         if missing:
             raise ValueError(f"template {self.template!r} uses {sorted(missing)} but attributes define only {sorted(self.attributes)}")

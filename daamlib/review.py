@@ -7,8 +7,8 @@ object / background points re-prompt the segmenter. Decisions are saved as they 
 (accepted masks as the dataset's mask PNGs, every decision in ``mask_review.json``), so closing
 the notebook loses nothing and reopening resumes at the first undecided sample.
 
-    from daamlib.sam import SamSegmenter
-    review = MaskReview(dataset, SamSegmenter(sam_model_registry["vit_h"](checkpoint=...)))
+    from daamlib.sam import SamSegmenter, load_sam
+    review = MaskReview(dataset, SamSegmenter(load_sam("sam_vit_b_01ec64.pth")))  # model type read from the checkpoint
     review.widget                     # display in JupyterLab
 """
 

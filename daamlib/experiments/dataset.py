@@ -7,6 +7,10 @@ Layout of a dataset directory::
     masks/<class>-<seed>.png             the ground-truth mask of the class (0/255), once annotated
     manifest.parquet                     one row per finished sample (SAMPLE_COLUMNS)
 
+Sample names (:func:`sample_name`), the one naming rule for every file above and for masks imported
+from elsewhere (``import_masks``): the class with spaces as underscores, a hyphen, the seed with four
+digits, e.g. ``car-0007`` and ``traffic_light-0003`` (so ``traffic_light-0003.png``).
+
 Every file is written atomically and a sample is finished when its record and image exist, so a
 killed build resumes where it stopped and never lists a partial sample.
 """
@@ -33,8 +37,39 @@ from ..toyworld.labels import CLASS_WORD
 SAMPLE_COLUMNS = ["name", "class_name", "word", "seed", "prompt", "record", "image", "mask"]
 
 
+MASK_NAMING = "<class with spaces as underscores>-<seed with 4 digits>.png, e.g. traffic_light-0003.png"
+
+
 def sample_name(class_name: str, seed: int) -> str:
+    """The name of a sample's files: ``traffic_light-0003`` for ("traffic light", 3)."""
     return f"{class_name.replace(' ', '_')}-{seed:04d}"
+
+
+def ground_truth_source(model, mask_dir=None, sam_checkpoint=None) -> str:
+    """Where a dataset's ground truth comes from: "masks" (``mask_dir``), "annotator" (a toy-world model's
+    own), or "sam" (``sam_checkpoint``). Checks the paths; no source at all is a ValueError, raised
+    before anything is generated."""
+    from ..toyworld.annotator import find_annotator
+
+    if mask_dir is not None:
+        if not Path(mask_dir).is_dir():
+            raise FileNotFoundError(f"mask_dir {mask_dir!r}: no directory at {Path(mask_dir).resolve()}; "
+                                    f"it should hold one PNG per sample named {MASK_NAMING}")
+        return "masks"
+    if _looks_local(model) and find_annotator(model) is not None:
+        return "annotator"
+    if sam_checkpoint is not None:
+        if not Path(sam_checkpoint).is_file():
+            raise FileNotFoundError(f"sam_checkpoint {sam_checkpoint!r}: no file at {Path(sam_checkpoint).resolve()}; "
+                                    "download it from the Segment Anything release (e.g. sam_vit_h_4b8939.pth)")
+        return "sam"
+    raise ValueError(f"model {model!r} has no toy-world annotator, so its ground truth must come from masks annotated "
+                     f"elsewhere (set mask_dir: PNGs named {MASK_NAMING}) or from SAM prompted by the heatmaps (set "
+                     "sam_checkpoint to a Segment Anything checkpoint)")
+
+
+def _looks_local(model) -> bool:
+    return model is None or Path(model).is_dir()
 
 
 @dataclass
@@ -79,7 +114,20 @@ class ThesisDataset:
         return np.asarray(Image.open(path)) > 127
 
     def has_masks(self) -> bool:
-        return all((self.directory / path).exists() for path in self.manifest["mask"])
+        return not self.missing_masks()
+
+    def missing_masks(self) -> list[str]:
+        """Names of the samples without a ground-truth mask file."""
+        return [row["name"] for _, row in self.manifest.iterrows() if not (self.directory / row["mask"]).exists()]
+
+    def require_masks(self) -> None:
+        """FileNotFoundError listing every sample without a ground-truth mask."""
+        missing = self.missing_masks()
+        if missing:
+            shown = ", ".join(f"{name}.png" for name in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            raise FileNotFoundError(f"{len(missing)} of {len(self.manifest)} samples have no ground-truth mask in "
+                                    f"{self.directory / 'masks'}: {shown}. Annotate them (import_masks, SAM review) "
+                                    f"with files named {MASK_NAMING}")
 
     def write_manifest(self) -> None:
         write_manifest(self.directory, self.manifest)
@@ -149,17 +197,31 @@ def annotate_toy_dataset(dataset: ThesisDataset, annotator) -> pd.DataFrame:
 
 
 def import_masks(dataset: ThesisDataset, source_dir: str | os.PathLike) -> int:
-    """Copy masks annotated elsewhere: ``<source_dir>/<name>.png`` (non-zero = object). Returns the count."""
+    """Copy masks annotated elsewhere: one ``<source_dir>/<name>.png`` per sample (non-zero = object),
+    named by :func:`sample_name` (``traffic_light-0003.png``). Returns the count.
+
+    Every sample needs its file and every PNG must belong to a sample: otherwise nothing is copied and
+    the error lists the missing and the unexpected file names."""
     source_dir = Path(source_dir)
-    count = 0
-    for _, row in dataset.manifest.iterrows():
-        path = source_dir / f"{row['name']}.png"
-        if not path.exists():
-            continue
-        mask = np.asarray(Image.open(path).convert("L")) > 0
-        expected = dataset.image(row).shape[:2]
-        if mask.shape != expected:
-            raise ValueError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {expected[1]}x{expected[0]}")
-        save_png(np.uint8(mask) * 255, dataset.directory / row["mask"])
-        count += 1
-    return count
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"mask_dir {source_dir}: no such directory ({source_dir.resolve()})")
+    expected = {f"{name}.png": row for name, (_, row) in zip(dataset.manifest["name"], dataset.manifest.iterrows())}
+    present = {path.name for path in source_dir.glob("*.png")}
+    missing, unexpected = sorted(set(expected) - present), sorted(present - set(expected))
+    if missing or unexpected:
+        def listed(names):
+            return ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "") if names else "none"
+        raise ValueError(f"the masks in {source_dir} do not match the dataset's samples; files are named {MASK_NAMING}. "
+                         f"Missing ({len(missing)}): {listed(missing)}. Unexpected ({len(unexpected)}): {listed(unexpected)}. "
+                         "Rename or add the files, then import again (nothing was imported)")
+    masks = {}
+    for file_name, row in expected.items():
+        mask = np.asarray(Image.open(source_dir / file_name).convert("L")) > 0
+        size = dataset.image(row).shape[:2]
+        if mask.shape != size:
+            raise ValueError(f"{source_dir / file_name} is {mask.shape[1]}x{mask.shape[0]} but its image is {size[1]}x{size[0]}; "
+                             "nothing was imported")
+        masks[row["mask"]] = mask
+    for path, mask in masks.items():
+        save_png(np.uint8(mask) * 255, dataset.directory / path)
+    return len(masks)

@@ -8,6 +8,10 @@ images, same steps). All are evaluated on held-out rendered scenes, whose labels
 Labels: 0 background, ``1 + i`` for ``classes[i]``, :data:`daamlib.labels.UNCERTAIN` (255) ignored
 by the loss. Only the class of each image's prompt is labelled; other objects count as background,
 as a dataset built from single-class prompts would label them.
+
+Training is seeded end to end from one ``torch.Generator`` (initial weights, batch order, flips) and
+runs on the CPU, whose kernels are deterministic: the same inputs and seed give the same network and
+the same scores, and torch's global RNG is neither used nor changed.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tqdm.auto import tqdm
 from ..labels import UNCERTAIN, heatmap_to_mask
 from ..metrics import pooled_iou
 from ..toyworld import labels as L
-from ..toyworld.annotator import SegmentationNet, images_to_tensor
+from ..toyworld.annotator import SegmentationNet, images_to_tensor, seeded_segmentation_net
 from ..toyworld.dataset import SceneSet
 
 def masks_from_heatmaps(dataset, heatmap: Callable, tau: float = 0.4) -> np.ndarray:
@@ -48,14 +52,19 @@ def scene_labels(scenes: SceneSet, classes: Sequence[str]) -> np.ndarray:
 def train_segmenter(images: np.ndarray, labels: np.ndarray, num_labels: int, steps: int = 300, batch_size: int = 16,
                     learning_rate: float = 2e-3, channels: tuple[int, ...] = (16, 32, 64), seed: int = 0,
                     progress: bool = True) -> SegmentationNet:
-    """Train the toy annotator's U-Net on images uint8 [N, H, W, 3] and labels uint8 [N, H, W] (255 ignored)."""
+    """Train the toy annotator's U-Net on images uint8 [N, H, W, 3] and labels uint8 [N, H, W] (255 ignored).
+
+    Everything random (initial weights, batches, flips) comes from one generator seeded with ``seed``."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"need one label map per image; got {len(images)} images and {len(labels)} label maps")
+    if images.shape[:3] != labels.shape:
+        raise ValueError(f"images {images.shape} and labels {labels.shape} differ in size; give one label per pixel")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, not {steps} and {batch_size}")
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     pixels = images_to_tensor(images)  # [N, 3, H, W]
     targets = torch.from_numpy(labels.astype(np.int64))
-    net = SegmentationNet(channels, num_labels).train()
+    net = seeded_segmentation_net(channels, num_labels, generator).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=learning_rate)
     for _ in tqdm(range(steps), desc="train segmenter", disable=not progress):
         batch = torch.randint(len(pixels), (batch_size,), generator=generator)

@@ -7,6 +7,7 @@ toy world's Cityscapes train ids. It is saved beside the toy model (``<model>/an
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,31 @@ class SegmentationNet(nn.Module):
             features = F.interpolate(features, size=skip.shape[-2:], mode="nearest")
             features = block(torch.cat([features, skip], dim=1))
         return self.head(features)
+
+
+@torch.no_grad()
+def initialize(net: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Re-draw every convolution's weights and bias as PyTorch's default init does, from ``generator``
+    (norm layers start at weight 1, bias 0, as by default)."""
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                bound = 1 / math.sqrt(fan_in)
+                module.bias.uniform_(-bound, bound, generator=generator)
+        elif isinstance(module, nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    return net
+
+
+def seeded_segmentation_net(channels: tuple[int, ...], num_labels: int, generator: torch.Generator) -> SegmentationNet:
+    """A ``SegmentationNet`` whose initial weights come from ``generator`` only (built on the meta device,
+    so torch's global RNG is neither used nor changed)."""
+    with torch.device("meta"):
+        net = SegmentationNet(channels, num_labels)
+    return initialize(net.to_empty(device="cpu"), generator)
 
 
 def images_to_tensor(images) -> torch.Tensor:
