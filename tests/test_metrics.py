@@ -83,3 +83,23 @@ def test_pooled_iou_counts_pixels_over_the_whole_set():
     assert np.isnan(scores["absent"])
     with pytest.raises(ValueError, match="shapes differ"):
         metrics.pooled_iou(predicted, target[:1], {"one": 1})
+
+
+def test_soft_masks_are_refused_not_read_as_all_true():
+    ones = np.ones((4, 4), bool)
+    soft = np.full((4, 4), 0.1)
+    with pytest.raises(ValueError, match=r"target mask is not binary: 16 values are neither 0 nor 1 \(e\.g\. 0\.1.*binarize"):
+        metrics.iou(ones, soft)
+    with pytest.raises(ValueError, match="mask is not binary"):
+        metrics.iou_curve(torch.rand(4, 4), np.full((8, 8), 0.1))
+    png = np.zeros((4, 4), np.uint8)
+    png[:2] = 255
+    with pytest.raises(ValueError, match=r"0/255 \(an 8-bit image\).*png > 127"):
+        metrics.iou(ones, png)
+    assert metrics.iou(ones, png > 127) == 0.5
+    # exact 0/1 masks of any numeric dtype are read as masks
+    half = np.zeros((4, 4))
+    half[:2] = 1
+    for dtype in (np.uint8, np.int64, np.float16, np.float32):
+        assert metrics.iou(ones, half.astype(dtype)) == 0.5
+    assert metrics.iou(torch.ones(4, 4, dtype=torch.float16), torch.from_numpy(half)) == 0.5
