@@ -39,13 +39,18 @@ def _pipeline_class(task: Task):
     return classes[task]
 
 
+Offload = Literal["model", "sequential"]
+_FP16_VARIANT = "fp16"
+
+
 def load_pipeline(
     name_or_dir: str | os.PathLike | None = None,
     *,
     task: Task = "txt2img",
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    local_files_only: bool | None = None,
+    offload: Offload | None = None,
+    download: bool = False,
     progress_bar: bool = True,
     **from_pretrained_kwargs,
 ):
@@ -55,22 +60,58 @@ def load_pipeline(
         name_or_dir: a hub id (``"stabilityai/stable-diffusion-2-base"``), a directory written by
             ``save_pretrained``, or ``None`` for the embedded toy model.
         task: "txt2img", "img2img" or "inpaint" (diffusers' AutoPipeline picks SD or SDXL).
-        device, dtype: default CUDA + float16 when available, else CPU + float32.
-        local_files_only: only use the local Hugging Face cache for hub ids. By default the
-            cache is tried first and the hub only when the id is not cached.
+        device, dtype: default CUDA + float16 when available, else CPU + float32. On float16 the
+            ``fp16`` weight variant is used when it is there (half the bytes to read).
+        offload: ``None`` (everything on ``device``), ``"model"`` (each model moves to the GPU
+            while it runs) or ``"sequential"`` (each layer does; slowest, least memory). Needs CUDA.
+        download: hub ids come from the local Hugging Face cache only, unless this is True.
     """
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available here; pass device='cpu' "
+                         "(or install a CUDA build of torch on a machine with a GPU)")
+    if offload not in (None, "model", "sequential"):
+        raise ValueError(f"offload must be None, 'model' or 'sequential', not {offload!r}")
+    if offload is not None and device.type != "cuda":
+        raise ValueError(f"offload={offload!r} moves models to a GPU while they run; it needs device='cuda'")
     dtype = dtype or default_dtype(device)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float16, not {dtype!r}")
     cls = _pipeline_class(task)
     source = _resolve_source(name_or_dir)
-    kwargs = {"dtype": dtype, **from_pretrained_kwargs}
+    kwargs = {"torch_dtype": dtype, **from_pretrained_kwargs}  # torch_dtype: every diffusers >= 0.30 takes it
     if isinstance(source, Path):
-        pipe = cls.from_pretrained(source, **kwargs)
+        pipe = _from_directory(cls, source, kwargs)
     else:
-        pipe = _from_hub(cls, source, local_files_only, kwargs)
-    pipe = pipe.to(device)
+        pipe = _from_hub(cls, source, download, kwargs)
+    _check_dtype(pipe, dtype)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe
+
+
+def _wants_fp16_variant(dtype: torch.dtype, kwargs: dict) -> bool:
+    return dtype == torch.float16 and "variant" not in kwargs
+
+
+def _from_directory(cls, directory: Path, kwargs: dict):
+    has_variant = any(directory.glob(f"*/*.{_FP16_VARIANT}.safetensors"))
+    if _wants_fp16_variant(kwargs["torch_dtype"], kwargs) and has_variant:
+        kwargs = {**kwargs, "variant": _FP16_VARIANT}
+    return cls.from_pretrained(directory, **kwargs)
+
+
+def _check_dtype(pipe, dtype: torch.dtype) -> None:
+    for name in ("unet", "transformer", "text_encoder"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module) and module.dtype != dtype:
+            raise ValueError(f"the pipeline's {name} loaded as {module.dtype}, not the requested {dtype}; "
+                             "pass torch_dtype/dtype consistently or convert the saved weights")
 
 
 def _resolve_source(name_or_dir: str | os.PathLike | None) -> Path | str:
@@ -94,23 +135,26 @@ def _resolve_source(name_or_dir: str | os.PathLike | None) -> Path | str:
     return text
 
 
-def _from_hub(cls, model_id: str, local_files_only: bool | None, kwargs: dict):
-    from huggingface_hub import constants
-
-    try:
-        return cls.from_pretrained(model_id, local_files_only=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as cached_error:
-        if local_files_only or constants.HF_HUB_OFFLINE:
-            raise ValueError(_offline_message(model_id)) from cached_error
+def _from_hub(cls, model_id: str, download: bool, kwargs: dict):
+    attempts = [{**kwargs, "variant": _FP16_VARIANT}] if _wants_fp16_variant(kwargs["torch_dtype"], kwargs) else []
+    attempts.append(kwargs)
+    for attempt in attempts:  # the cache first, the fp16 variant first
+        try:
+            return cls.from_pretrained(model_id, local_files_only=True, **attempt)
+        except (OSError, ValueError) as error:
+            cached_error = error
+    if not download:
+        raise ValueError(_not_cached_message(model_id)) from cached_error
     try:
         return cls.from_pretrained(model_id, **kwargs)
     except OSError as error:
-        raise ValueError(_offline_message(model_id)) from error
+        raise ValueError(_not_cached_message(model_id)) from error
 
 
-def _offline_message(model_id: str) -> str:
+def _not_cached_message(model_id: str) -> str:
+    relative = Path(model_id).resolve()
     return (
-        f"{model_id!r} is not in the local Hugging Face cache and the hub cannot be reached. "
-        f"On a machine with network access run `huggingface-cli download {model_id}` (then copy "
-        "the cache, or set HF_HOME), or save the pipeline with save_pretrained and pass its directory."
+        f"{model_id!r} is neither a pipeline directory ({relative} does not exist) nor in the local Hugging Face "
+        f"cache. Fetch it once with `hf download {model_id}` (huggingface_hub's CLI) on a machine with network "
+        "access, or pass load_pipeline(..., download=True), or save the pipeline with save_pretrained and pass its directory."
     )

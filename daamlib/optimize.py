@@ -12,6 +12,7 @@ area-averaged to the latent grid once, so every epoch works at latent resolution
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from .io import save_safetensors
 from .methods.linear import linear_maps, word_vector
 from .methods.openvocab import openvocab_maps
+from .modules import check_same_model, execution_device, same_model
 from .record import Record, library_version
 
 Variant = Literal["linear", "softmax"]
@@ -43,6 +45,7 @@ class OptimizedTokens:
     names: list[str]
     model_id: str | None
     history: list[float] = field(default_factory=list)  # loss per epoch
+    model_fingerprint: dict | None = None  # of the model whose records trained them (daamlib.modules)
     init: str | None = None
     library_version: str = field(default_factory=library_version)
 
@@ -61,20 +64,34 @@ class OptimizedTokens:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, expected_model_id: str | None = None) -> "OptimizedTokens":
-        from safetensors import safe_open
+    def load(cls, path: str | os.PathLike, expected_model_id: str | None = None, *, pipe=None) -> "OptimizedTokens":
+        """Read tokens written by :meth:`save`; ``pipe=`` checks they were optimized for its weights."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("daamlib", "{}"))
-            vectors = handle.get_tensor("vectors")
-        if meta.pop("format", None) != _FORMAT_NAME:
-            raise ValueError(f"{path} does not hold daamlib optimized tokens")
+        path = Path(path)
+        if not path.exists() and path.with_name(path.name + ".safetensors").exists():
+            path = path.with_name(path.name + ".safetensors")
+        if not path.exists():
+            raise FileNotFoundError(f"no optimized tokens at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {}).get("daamlib", "{}"))
+                vectors = handle.get_tensor("vectors") if "vectors" in handle.keys() else None
+        except (SafetensorError, OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+        found = meta.pop("format", None)
+        if found != _FORMAT_NAME or vectors is None:
+            hint = "; it is a daamlib record: read it with daamlib.load_record" if found == "daamlib.record" else ""
+            raise ValueError(f"{path} does not hold daamlib optimized tokens{hint}")
         if expected_model_id is not None and meta["model_id"] != expected_model_id:
             raise ValueError(
                 f"tokens in {path} were optimized for {meta['model_id']!r}, not {expected_model_id!r}; "
                 "conditioning vectors do not transfer between models"
             )
-        return cls(vectors=vectors, **meta)
+        tokens = cls(vectors=vectors, **meta)
+        if pipe is not None:
+            check_same_model(tokens.model_fingerprint, pipe, f"the tokens in {path}")
+        return tokens
 
 
 def optimize_tokens(
@@ -113,16 +130,24 @@ def optimize_tokens(
         raise ValueError("loss='softmax_ce' compares two token maps; use it with variant='softmax'")
     if variant == "softmax" and pipe is None:
         raise ValueError("variant='softmax' needs pipe= for the key projections W_k")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, not {epochs!r}")
+    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be a positive number, not {learning_rate!r}")
+    _check_records(records, variant, pipe)
 
-    targets = [latent_target(record, mask) for record, mask in zip(records, masks)]  # [H, W] in [0, 1]
+    targets = [latent_target(record, mask, index) for index, (record, mask) in enumerate(zip(records, masks))]
     starts = [word_vector(records[0], init, pipe=pipe)]
     names = [init if isinstance(init, str) else "object"]
     if variant == "softmax":
         starts.append(word_vector(records[0], background_init, pipe=pipe))
         names.append("background")
-    vectors = torch.stack(starts).detach().clone().requires_grad_(True)  # [k, d_text]
+    device = execution_device(pipe) if pipe is not None else torch.device("cpu")
+    records = [record.to(device) for record in records]  # uploaded once, not per epoch
+    targets = [target.to(device) for target in targets]
+    vectors = torch.stack(starts).detach().to(device).clone().requires_grad_(True)  # [k, d_text]
     optimizer = torch.optim.Adam([vectors], lr=learning_rate)
-    history = []
+    losses = []
     for _ in tqdm(range(epochs), desc="optimizing tokens", disable=not progress):
         optimizer.zero_grad()
         total = sum(
@@ -131,16 +156,38 @@ def optimize_tokens(
         ) / len(records)
         total.backward()
         optimizer.step()
-        history.append(float(total.detach()))
+        losses.append(total.detach())  # read once at the end: no host sync per epoch
     return OptimizedTokens(
-        vectors=vectors.detach(),
+        vectors=vectors.detach().cpu(),
         variant=variant,
         loss=loss,
         names=names,
         model_id=records[0].meta.model_id,
-        history=history,
+        history=torch.stack(losses).cpu().tolist(),
         init=init if isinstance(init, str) else None,
+        model_fingerprint=records[0].meta.model_fingerprint,
     )
+
+
+def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:
+    """All records of one model (the pipeline's, when given) and holding what the variant reads."""
+    needed = "linear_matrix" if variant == "linear" else "queries"
+    for index, record in enumerate(records):
+        if variant == "linear" and record.linear_matrix is None or variant == "softmax" and not record.queries:
+            option = "linear=True" if variant == "linear" else "queries=True"
+            raise ValueError(f"record {index} has no {needed}; variant={variant!r} needs records traced with {option}")
+    first = records[0].meta
+    for index, record in enumerate(records[1:], start=1):
+        meta = record.meta
+        same = (same_model(first.model_fingerprint, meta.model_fingerprint)
+                if first.model_fingerprint or meta.model_fingerprint else first.model_id == meta.model_id)
+        if not same:
+            raise ValueError(
+                f"record {index} comes from another model than record 0 ({meta.model_id!r} vs {first.model_id!r}); "
+                "tokens are optimized for one model: pass records of a single model"
+            )
+    if pipe is not None:
+        check_same_model(first.model_fingerprint, pipe, "record 0")
 
 
 def heatmaps(record: Record, vectors: torch.Tensor, variant: Variant, pipe=None) -> torch.Tensor:
@@ -168,12 +215,18 @@ def soft_normalize(heatmap: torch.Tensor) -> torch.Tensor:
     return (heatmap - low) / (heatmap.max() - low + _EPSILON)
 
 
-def latent_target(record: Record, mask: np.ndarray | torch.Tensor) -> torch.Tensor:
+def latent_target(record: Record, mask: np.ndarray | torch.Tensor, index: int = 0) -> torch.Tensor:
     """A boolean image-resolution mask area-averaged to the latent grid.  [H, W] float in [0, 1]"""
-    mask = torch.as_tensor(np.asarray(mask)).float()
+    mask = torch.as_tensor(np.asarray(mask))
     expected = record.image_size
     if tuple(mask.shape) != tuple(expected):
         raise ValueError(
-            f"mask is {tuple(mask.shape)} but the record's image is {tuple(expected)}; pass masks at image resolution"
+            f"mask {index} is {tuple(mask.shape)} but the record's image is {tuple(expected)}; "
+            "pass one [height, width] mask per record at image resolution"
         )
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"mask {index} is not binary (values other than 0 and 1); threshold it first, e.g. mask > 0.5")
+    mask = mask.float()
+    if not bool(mask.any()):
+        raise ValueError(f"mask {index} is empty: the object is nowhere in it, so there is nothing to optimize towards")
     return F.adaptive_avg_pool2d(mask[None, None], record.latent_size)[0, 0]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,8 @@ from .io import save_safetensors
 from .tokens import PromptTokens
 
 FORMAT_NAME = "daamlib.record"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added model_fingerprint
+_READABLE_VERSIONS = (1, 2)
 _METADATA_KEY = "daamlib"
 
 
@@ -54,6 +55,7 @@ class RecordMeta:
     branch: str
     linear_upsample: str
     model_id: str | None = None
+    model_fingerprint: dict | None = None  # daamlib.modules.model_fingerprint of the generating pipeline
     scheduler: str | None = None
     seed: int | None = None
     prompt: str | None = None
@@ -72,8 +74,9 @@ class RecordMeta:
         if data.pop("format", None) != FORMAT_NAME:
             raise ValueError("not a daamlib record")
         version = data.pop("version")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"record format version {version} is not supported (expected {FORMAT_VERSION})")
+        if version not in _READABLE_VERSIONS:
+            raise ValueError(f"record format version {version} is not supported (this daamlib reads {_READABLE_VERSIONS}); "
+                             "upgrade daamlib or regenerate the record")
         data["layers"] = [
             LayerMeta(**{**layer, "resolution": tuple(layer["resolution"])}) for layer in data["layers"]
         ]
@@ -85,7 +88,10 @@ class RecordMeta:
 
 @dataclass
 class Record:
-    """The capture of one generated image. Tensors live on the CPU.
+    """The capture of one generated image.
+
+    Maps live on the CPU in float32; the query cache stays where the trace recorded it (the
+    pipeline's device unless ``query_device="cpu"``). ``to(device)`` moves every tensor.
 
     Shapes (hw = h_l * w_l of the layer, n = text tokens, d = d_text, H x W = latent):
       daam[layer]            [hw, n]          softmax attention summed over steps and heads
@@ -147,6 +153,21 @@ class Record:
     @property
     def num_steps(self) -> int:
         return len(self.meta.timesteps)
+
+    def to(self, device: str | torch.device) -> "Record":
+        """A copy with every tensor on ``device`` (e.g. the query cache uploaded once before optimizing)."""
+        def move(store: dict) -> dict:
+            return {key: value.to(device) for key, value in store.items()}
+
+        def maybe(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(
+            self, daam=move(self.daam), daam_heads=move(self.daam_heads), daam_steps=move(self.daam_steps),
+            queries=move(self.queries), linear_matrix=maybe(self.linear_matrix), linear_bias=maybe(self.linear_bias),
+            text_embeddings=maybe(self.text_embeddings), contexts={p: move(m) for p, m in self.contexts.items()},
+            self_attention=move(self.self_attention),
+        )
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

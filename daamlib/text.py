@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .modules import execution_device
 from .tokens import PromptTokens
 
 
@@ -39,7 +40,7 @@ class TextEncoder:
         tokens = PromptTokens.from_text(converted, self.pipe.tokenizer)
         embeddings = self.pipe.encode_prompt(
             prompt=text,
-            device=self.pipe.unet.device,
+            device=execution_device(self.pipe),
             num_images_per_prompt=1,
             do_classifier_free_guidance=False,
         )[0]  # [1, n, d_text]

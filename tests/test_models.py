@@ -37,9 +37,37 @@ def test_img2img_and_inpaint_are_traced(saved_dir, task, expected):
     assert daamlib.daam(record, "car").shape == (16, 16)
 
 
-def test_unknown_model_offline_names_the_fix():
-    with pytest.raises(ValueError, match="huggingface-cli download"):
-        daamlib.load_pipeline("nobody/no-such-model", device="cpu", local_files_only=True)
+def test_an_uncached_hub_id_is_never_downloaded_and_the_error_names_the_fix(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ValueError, match="hf download nobody/no-such-model") as error:
+        daamlib.load_pipeline("nobody/no-such-model", device="cpu")
+    assert "neither a pipeline directory" in str(error.value)
+
+
+def test_a_relative_directory_is_found_from_the_working_directory(saved_dir, monkeypatch):
+    monkeypatch.chdir(saved_dir.parent)
+    loaded = daamlib.load_pipeline(saved_dir.name, device="cpu")
+    assert loaded.unet.config.sample_size == 16
+
+
+def test_the_fp16_variant_is_preferred_when_saved(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "fp16-only", variant="fp16")  # only *.fp16.safetensors files
+    loaded = daamlib.load_pipeline(tmp_path / "fp16-only", device="cpu", dtype=torch.float16)
+    assert loaded.unet.dtype == torch.float16
+    with pytest.raises((OSError, ValueError)):  # without the variant there is nothing to load
+        daamlib.load_pipeline(tmp_path / "fp16-only", device="cpu", dtype=torch.float32)
+
+
+def test_device_dtype_and_offload_are_checked_before_loading(tmp_path):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            daamlib.load_pipeline(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="needs device='cuda'"):
+        daamlib.load_pipeline(tmp_path, device="cpu", offload="model")
+    with pytest.raises(ValueError, match="offload must be"):
+        daamlib.load_pipeline(tmp_path, device="cpu", offload="disk")
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        daamlib.load_pipeline(tmp_path, device="cpu", dtype=torch.int8)
 
 
 def test_bad_local_paths(tmp_path):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from ..methods.resize import check_upsample_mode, resize, unflatten_positions
 from ..record import LayerMeta, Record, RecordMeta
+from ..tokens import PromptTokens
 from .layers import AttentionLayer, layer_resolution
 
 
@@ -23,7 +25,7 @@ class CaptureOptions:
     query_layers: tuple[str, ...] | None = None  # None: every traced cross-attention layer
     query_steps: tuple[int, ...] | None = None  # None: every step
     query_dtype: torch.dtype = torch.float16
-    query_device: str = "cpu"
+    query_device: str | None = None  # None: where the UNet computes; "cpu": pinned host memory
     linear: bool = False  # the collapsed linear-DAAM matrix
     self_attention: bool = False  # last-step per-head self-attention output in the up blocks
     upsample: str = "bilinear"  # interpolation used to collapse the linear matrix
@@ -33,6 +35,10 @@ class CaptureOptions:
         check_upsample_mode(self.upsample)
         if self.branch not in ("cond", "uncond"):
             raise ValueError(f"branch must be 'cond' or 'uncond', not {self.branch!r}")
+        if self.query_device not in (None, "cpu"):
+            raise ValueError(f"query_device must be None (where the UNet computes) or 'cpu', not {self.query_device!r}")
+        if not self.query_dtype.is_floating_point:
+            raise ValueError(f"query_dtype must be a floating dtype such as torch.float16, not {self.query_dtype}")
 
     def wants_queries(self, layer: str, step: int) -> bool:
         return (
@@ -52,16 +58,18 @@ class ContextKeys:
 
 @dataclass
 class GenerationState:
-    """Sums for the ``num_images`` images of one pipeline call, batched along dim 0."""
+    """Sums for the ``num_images`` images of one pipeline call, batched along dim 0.
+
+    Tensors stay on the device the UNet computes on; nothing is read back until ``to_records``.
+    """
 
     options: CaptureOptions
     num_images: int
     latent_size: tuple[int, int]
-    token_ids: list[list[int]] | None  # per image
-    token_strings: list[list[str]] | None
-    added_tokens: list[list[str]] | None
+    prompt_ids: torch.Tensor | None  # [prompts, n] token ids of the traced branch, None for embeddings
     text_embeddings: torch.Tensor  # [num_images, n, d_text]
-    timesteps: list[float] = field(default_factory=list)
+    expected_steps: int | None  # UNet calls of this generation, as the pipeline announced them
+    timesteps: list[torch.Tensor] = field(default_factory=list)  # 0-d, one per UNet call
     layers: dict[str, LayerMeta] = field(default_factory=dict)
     daam: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, n]
     daam_heads: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, n]
@@ -74,6 +82,18 @@ class GenerationState:
     @property
     def step(self) -> int:
         return len(self.timesteps) - 1
+
+    @property
+    def complete(self) -> bool:
+        """Whether every announced denoising step ran."""
+        return self.expected_steps is not None and len(self.timesteps) >= self.expected_steps
+
+    @property
+    def at_last_step(self) -> bool:
+        return self.expected_steps is not None and self.step == self.expected_steps - 1
+
+    def add_timestep(self, timestep: torch.Tensor) -> None:
+        self.timesteps.append(timestep)
 
     def register_layer(self, layer: AttentionLayer, num_positions: int, scale: float) -> None:
         if layer.name not in self.layers:
@@ -109,7 +129,7 @@ class GenerationState:
         if options.linear:
             _add(self.query_sums, name, flat_queries.float())
         if options.wants_queries(name, self.step):
-            self.queries[(name, self.step)] = flat_queries.to(options.query_device, options.query_dtype)
+            self.queries[(name, self.step)] = _cached(flat_queries, options)
         for phrase, phrase_keys in context_keys.items():
             logits = queries32 @ phrase_keys.float().transpose(-1, -2).unsqueeze(0) * scale
             maps = self.contexts.setdefault(phrase, {})
@@ -121,25 +141,34 @@ class GenerationState:
     # -- records ------------------------------------------------------------------------------
     def to_records(
         self,
-        key_projections: dict[str, torch.nn.Linear],
+        key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]],
         contexts: dict[str, ContextKeys],
         provenance: dict,
+        tokenizer,
     ) -> list[Record]:
-        """Split the batched sums into one :class:`Record` per image (tensors on the CPU)."""
-        linear_matrix, linear_bias = self._collapse_linear(key_projections)
+        """Split the batched sums into one :class:`Record` per image.
+
+        Maps go to the CPU in float32; the query cache stays where it was recorded.
+        """
+        if any(t.is_cuda for t in self.queries.values()):
+            torch.cuda.synchronize()  # the non-blocking copies into pinned host memory have landed
+        linear_matrix, linear_bias = self._collapse_linear(key_parameters)
+        tokens = self._image_tokens(tokenizer)
+        timesteps = [float(t) for t in self.timesteps]
         records = []
         for index in range(self.num_images):
             meta = RecordMeta(
-                token_ids=self.token_ids[index] if self.token_ids else None,
-                token_strings=self.token_strings[index] if self.token_strings else None,
-                added_tokens=self.added_tokens[index] if self.added_tokens else [],
+                token_ids=list(tokens[index].ids) if tokens else None,
+                token_strings=list(tokens[index].strings) if tokens else None,
+                added_tokens=list(tokens[index].added_tokens) if tokens else [],
                 latent_size=tuple(self.latent_size),
                 image_size=provenance.get("image_size"),
                 layers=list(self.layers.values()),
-                timesteps=list(self.timesteps),
+                timesteps=timesteps,
                 branch=self.options.branch,
                 linear_upsample=self.options.upsample,
                 model_id=provenance.get("model_id"),
+                model_fingerprint=provenance.get("model_fingerprint"),
                 scheduler=provenance.get("scheduler"),
                 image_index=index,
                 query_steps=sorted({step for _, step in self.queries}),
@@ -151,7 +180,7 @@ class GenerationState:
                     daam={k: _cpu(v[index]) for k, v in self.daam.items()},
                     daam_heads={k: _cpu(v[index]) for k, v in self.daam_heads.items()},
                     daam_steps={k: _cpu(torch.stack([s[index] for s in v])) for k, v in self.daam_steps.items()},
-                    queries={k: v[index].cpu().clone() for k, v in self.queries.items()},
+                    queries={k: v[index] for k, v in self.queries.items()},
                     linear_matrix=None if linear_matrix is None else _cpu(linear_matrix[index]),
                     linear_bias=None if linear_bias is None else _cpu(linear_bias[index]),
                     text_embeddings=_cpu(self.text_embeddings[index]),
@@ -161,22 +190,37 @@ class GenerationState:
             )
         return records
 
+    def _image_tokens(self, tokenizer) -> list[PromptTokens] | None:
+        """The traced branch's prompt tokens per image (diffusers repeats each prompt consecutively)."""
+        if self.prompt_ids is None:
+            return None
+        prompts = [PromptTokens.from_ids(ids, tokenizer) for ids in self.prompt_ids.cpu().tolist()]
+        for tokens in prompts:
+            if tokens.maybe_truncated:
+                warnings.warn(
+                    f"the prompt fills all {tokens.length} text-encoder tokens and may have been "
+                    f"truncated; it was seen as {tokens.text!r}",
+                    stacklevel=3,
+                )
+        return split_per_image(prompts, self.num_images)
+
     def _collapse_linear(
-        self, key_projections: dict[str, torch.nn.Linear]
+        self, key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]]
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """M = sum_l up((sum_t Q_t,l) W_k^l)  [N, H*W, d_text], and the same for the key bias."""
+        """M = sum_l up((sum_t Q_t,l) W_k^l)  [N, H*W, d_text], and the same for the key bias.
+
+        Computed where the sums are (the weights are brought there, also from CPU offload)."""
         if not self.query_sums:
             return None, None
         matrix = bias = None
         for name, query_sum in self.query_sums.items():
-            projection = key_projections[name]
+            weight, key_bias = key_parameters(name, query_sum.device)  # [inner, d_text], [inner]
             resolution = self.layers[name].resolution
-            weight = projection.weight.detach().float()  # [inner, d_text]
             layer_matrix = unflatten_positions(query_sum @ weight, resolution)  # [N, d_text, h_l, w_l]
             up = resize(layer_matrix, self.latent_size, self.options.upsample).flatten(-2).transpose(-1, -2)
             matrix = up if matrix is None else matrix + up  # [N, H*W, d_text]
-            if projection.bias is not None:
-                layer_bias = unflatten_positions((query_sum @ projection.bias.detach().float())[..., None], resolution)
+            if key_bias is not None:
+                layer_bias = unflatten_positions((query_sum @ key_bias)[..., None], resolution)
                 up_bias = resize(layer_bias, self.latent_size, self.options.upsample).flatten(-3)  # [N, H*W]
                 bias = up_bias if bias is None else bias + up_bias
         return matrix, bias
@@ -187,6 +231,16 @@ def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None
         store[name] += value
     else:
         store[name] = value.clone()
+
+
+def _cached(flat_queries: torch.Tensor, options: CaptureOptions) -> torch.Tensor:
+    """A query-cache entry [N, hw, inner]: kept on the UNet's device, or copied into pinned host memory
+    without waiting (the copy lands before ``to_records`` reads it)."""
+    if options.query_device is None or not flat_queries.is_cuda:
+        return flat_queries.to(dtype=options.query_dtype)
+    host = torch.empty(flat_queries.shape, dtype=options.query_dtype, pin_memory=True)
+    host.copy_(flat_queries.to(dtype=options.query_dtype), non_blocking=True)
+    return host
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

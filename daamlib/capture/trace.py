@@ -7,34 +7,40 @@ PyTorch forward pre-hooks watch the text encoder (which prompt ids were encoded)
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from ..modules import execution_device, linear_parameters, model_fingerprint
 from ..record import Record
-from ..tokens import PromptTokens
-from .accumulate import CaptureOptions, ContextKeys, GenerationState, split_per_image
+from .accumulate import CaptureOptions, ContextKeys, GenerationState
 from .layers import AttentionLayer, attention_layers, select_layers
 from .processor import CaptureProcessor, split_heads
 
 
 class Trace:
-    """The live state of a trace. ``records`` holds one :class:`Record` per generated image."""
+    """The live state of a trace. ``records`` holds one :class:`Record` per generated image.
+
+    Nothing here reads a tensor's value while the pipeline runs: timesteps, token ids and sums
+    stay where the pipeline computes until ``records`` is read after the generation, so a traced
+    generation on CUDA never waits for the host.
+    """
 
     def __init__(self, pipe, options: CaptureOptions, layers: list[AttentionLayer], cfg: bool | None,
-                 contexts: dict[str, ContextKeys]) -> None:
+                 contexts: dict[str, ContextKeys], fingerprint: dict) -> None:
         self.pipe = pipe
         self.options = options
         self.layers = layers
         self.cfg = cfg
         self.contexts = contexts
-        self._finished: list[Record] = []
+        self.fingerprint = fingerprint
+        self._records: list[Record] = []
+        self._finished: list[GenerationState] = []  # generations whose records are not built yet
         self._current: GenerationState | None = None
-        self._pending_ids: torch.Tensor | None = None  # [prompts, n] seen by the text encoder
+        self._encoder_ids: list[torch.Tensor] = []  # [prompts, n] per text-encoder call since the last UNet call
+        self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
         self._rows = slice(0, 0)
-        self._last_timestep: float | None = None
         self._capture_self_attention = False
 
     # -- public -------------------------------------------------------------------------------
@@ -42,20 +48,19 @@ class Trace:
     def records(self) -> list[Record]:
         """Records of every image generated so far in this trace (finishes the current call)."""
         self._finish_current()
-        return list(self._finished)
+        self._build_records()
+        return list(self._records)
 
     # -- hooks --------------------------------------------------------------------------------
     def on_text_encoder(self, module, args, kwargs) -> None:
-        if self._pending_ids is None:
-            input_ids = args[0] if args else kwargs.get("input_ids")
-            if input_ids is not None:
-                self._pending_ids = input_ids.detach().cpu()
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is not None:
+            self._encoder_ids.append(input_ids.detach())  # diffusers encodes the prompt, then the negative prompt
 
     def on_unet(self, module, args, kwargs) -> None:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         context = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
-        timestep = float(torch.as_tensor(timestep).flatten()[0])
         batch = sample.shape[0]
         cfg = self._uses_cfg()
         if cfg and batch % 2:
@@ -63,79 +68,88 @@ class Trace:
         num_images = batch // 2 if cfg else batch
         if self.options.branch == "uncond" and not cfg:
             raise ValueError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
-        starts_new = (
-            self._current is None
-            or self._pending_ids is not None
-            or (self._last_timestep is not None and timestep > self._last_timestep)
-        )
-        if starts_new:
+        if self._current is None or self._encoder_ids or self._current.complete:
             self._finish_current()
             self._start(num_images, tuple(sample.shape[-2:]), context, cfg)
         elif num_images != self._current.num_images:
             raise ValueError(f"the batch changed from {self._current.num_images} to {num_images} images mid-generation")
         self._rows = self._traced_rows(num_images, cfg)
-        self._current.timesteps.append(timestep)
-        self._last_timestep = timestep
-        self._capture_self_attention = self.options.self_attention and self._is_last_step(timestep)
+        self._current.add_timestep(torch.as_tensor(timestep).detach().reshape(-1)[0])
+        self._capture_self_attention = self.options.self_attention and self._current.at_last_step
 
     def _traced_rows(self, num_images: int, cfg: bool) -> slice:
         """diffusers batches CFG as [uncond x N, cond x N]; without CFG all N rows are conditional."""
         return slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
 
     def _uses_cfg(self) -> bool:
-        if self.cfg is not None:
-            return self.cfg
-        if not hasattr(self.pipe, "do_classifier_free_guidance"):
+        pipeline_cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        if self.cfg is None:
+            if pipeline_cfg is None:
+                raise ValueError(
+                    f"{type(self.pipe).__name__} does not say whether it uses classifier-free guidance; "
+                    "pass cfg=True or cfg=False to trace"
+                )
+            return bool(pipeline_cfg)
+        if pipeline_cfg is not None and bool(pipeline_cfg) != self.cfg:
+            uses = "uses" if pipeline_cfg else "does not use"
             raise ValueError(
-                f"{type(self.pipe).__name__} does not say whether it uses classifier-free guidance; "
-                "pass cfg=True or cfg=False to trace"
+                f"trace(cfg={self.cfg}) but this pipeline call {uses} classifier-free guidance "
+                f"(guidance_scale={getattr(self.pipe, 'guidance_scale', '?')}); leave cfg=None so the pipeline's own "
+                "batch layout is traced, or change guidance_scale"
             )
-        return bool(self.pipe.do_classifier_free_guidance)
+        return self.cfg
 
-    def _is_last_step(self, timestep: float) -> bool:
-        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-        return timesteps is not None and len(timesteps) > 0 and float(timesteps[-1]) == timestep
+    def _expected_steps(self) -> int | None:
+        """How many UNet calls this generation makes (diffusers sets it before its denoising loop)."""
+        steps = getattr(self.pipe, "_num_timesteps", None)
+        if steps is None:
+            timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+            steps = None if timesteps is None else len(timesteps)
+        return steps
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
+        calls, self._encoder_ids = self._encoder_ids, []
+        if cfg and self.options.branch == "uncond":
+            prompt_ids = calls[1] if len(calls) > 1 else None  # the negative prompt; None when given as embeddings
+        else:
+            prompt_ids = calls[0] if calls else None
+        if prompt_ids is not None and num_images % prompt_ids.shape[0]:
+            raise ValueError(f"{num_images} images cannot come from {prompt_ids.shape[0]} prompts")
         rows = self._traced_rows(num_images, cfg)
-        token_ids = token_strings = added_tokens = None
-        if self._pending_ids is not None:
-            prompts = [PromptTokens.from_ids(ids.tolist(), self.pipe.tokenizer) for ids in self._pending_ids]
-            for tokens in prompts:
-                if tokens.maybe_truncated:
-                    warnings.warn(
-                        f"the prompt fills all {tokens.length} text-encoder tokens and may have been "
-                        f"truncated; it was seen as {tokens.text!r}",
-                        stacklevel=2,
-                    )
-            per_image = split_per_image(prompts, num_images)
-            token_ids = [list(t.ids) for t in per_image]
-            token_strings = [list(t.strings) for t in per_image]
-            added_tokens = [list(t.added_tokens) for t in per_image]
-        self._pending_ids = None
         self._current = GenerationState(
             options=self.options,
             num_images=num_images,
             latent_size=latent_size,
-            token_ids=token_ids,
-            token_strings=token_strings,
-            added_tokens=added_tokens,
+            prompt_ids=prompt_ids,
             text_embeddings=context[rows].detach().float(),
+            expected_steps=self._expected_steps(),
         )
 
     def _finish_current(self) -> None:
-        if self._current is None:
-            return
-        state, self._current = self._current, None
-        self._last_timestep = None
-        unet = self.pipe.unet
-        key_projections = {layer.name: unet.get_submodule(layer.name).to_k for layer in self.layers if layer.kind == "cross"}
-        provenance = {
-            "model_id": _model_id(self.pipe),
-            "scheduler": type(self.pipe.scheduler).__name__,
-            "image_size": _image_size(self.pipe, state.latent_size),
-        }
-        self._finished.extend(state.to_records(key_projections, self.contexts, provenance))
+        if self._current is not None:
+            self._finished.append(self._current)
+            self._current = None
+
+    def _abandon_unfinished(self) -> None:
+        """After an exception: a generation that ran all its steps is kept, a partial one is dropped."""
+        if self._current is not None and not self._current.complete:
+            self._current = None
+        self._finish_current()
+
+    def _build_records(self) -> None:
+        """Turn finished generations into records (reads tensors: only after the generation)."""
+        finished, self._finished = self._finished, []
+        for state in finished:
+            provenance = {
+                "model_id": _model_id(self.pipe),
+                "model_fingerprint": self.fingerprint,
+                "scheduler": type(self.pipe.scheduler).__name__,
+                "image_size": _image_size(self.pipe, state.latent_size),
+            }
+            self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance, self.pipe.tokenizer))
+
+    def _key_parameters(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return linear_parameters(self.pipe.unet.get_submodule(layer).to_k, device)
 
     # -- called by the processors ---------------------------------------------------------------
     def observe_cross_attention(self, layer, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
@@ -151,11 +165,16 @@ class Trace:
         queries = _normed(attn, "norm_q", split_heads(flat_queries, attn.heads))  # [N, heads, hw, d]
         keys = _normed(attn, "norm_k", split_heads(attn.to_k(context), attn.heads))  # [N, heads, n, d]
         state.register_layer(layer, hidden.shape[1], attn.scale)
-        context_keys = {
-            phrase: _normed(attn, "norm_k", split_heads(attn.to_k(ctx.embeddings.to(hidden)[None]), attn.heads))[0]
-            for phrase, ctx in self.contexts.items()
-        }  # phrase -> [heads, m, d]
-        state.add_cross_attention(layer, queries, keys, flat_queries, attn.scale, context_keys)
+        state.add_cross_attention(layer, queries, keys, flat_queries, attn.scale, self._layer_context_keys(layer, attn, hidden))
+
+    def _layer_context_keys(self, layer, attn, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """phrase -> W_k X' [heads, m, d] for this layer, computed on its first call only (X' never changes)."""
+        if layer.name not in self._context_keys:
+            self._context_keys[layer.name] = {
+                phrase: _normed(attn, "norm_k", split_heads(attn.to_k(ctx.embeddings.to(like)[None]), attn.heads))[0]
+                for phrase, ctx in self.contexts.items()
+            }
+        return self._context_keys[layer.name]
 
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
@@ -203,18 +222,19 @@ def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], 
     if isinstance(phrases, Mapping):  # named conditioning vectors, e.g. optimized tokens
         contexts = {}
         for name, vectors in phrases.items():
-            vectors = torch.as_tensor(vectors).detach().float()
+            vectors = torch.as_tensor(vectors).detach().float().to(execution_device(pipe))
             if vectors.ndim != 2:
                 raise ValueError(f"context {name!r} must be vectors [m, d_text]; got shape {tuple(vectors.shape)}")
             contexts[name] = ContextKeys(embeddings=vectors, token_strings=[f"{name}[{i}]" for i in range(len(vectors))])
         return contexts
     encoder = TextEncoder(pipe)
+    device = execution_device(pipe)  # uploaded once here, not at every layer and step
     contexts = {}
     for phrase in phrases:
         encoded = encoder.encode(phrase)
         positions = encoded.key_positions(include_padding)
         contexts[phrase] = ContextKeys(
-            embeddings=encoded.embeddings[positions].detach(),
+            embeddings=encoded.embeddings[positions].detach().to(device),
             token_strings=[encoded.tokens.strings[i] for i in positions],
         )
     return contexts
@@ -232,7 +252,7 @@ def trace(
     query_layers: Sequence[str] | None = None,
     query_steps: Sequence[int] | None = None,
     query_dtype: torch.dtype = torch.float16,
-    query_device: str = "cpu",
+    query_device: str | None = None,
     linear: bool = False,
     self_attention: bool = False,
     contexts: Sequence[str] | Mapping[str, torch.Tensor] = (),
@@ -248,7 +268,9 @@ def trace(
         daam, per_head, per_step: record softmax maps summed over steps and heads, and optionally
             kept per head (for ``mode="daam-0.2"``) or per step (layer x timestep analysis).
         queries, query_layers, query_steps, query_dtype, query_device: cache W_q h for
-            open-vocabulary maps of any phrase later.
+            open-vocabulary maps of any phrase later. ``query_device=None`` keeps the cache where
+            the UNet computes (no copies, no waiting); ``"cpu"`` streams it into pinned host memory
+            with non-blocking copies (for caches larger than the GPU's free memory).
         linear: record the collapsed linear-DAAM matrix (memory independent of the step count).
         self_attention: record last-step per-head self-attention outputs of the up blocks (PCC).
         contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path), or
@@ -274,7 +296,7 @@ def trace(
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if self_attention else []
     traced = cross_layers + self_layers
     context_keys = _encode_contexts(pipe, contexts, context_padding) if contexts else {}
-    tr = Trace(pipe, options, traced, cfg, context_keys)
+    tr = Trace(pipe, options, traced, cfg, context_keys, model_fingerprint(pipe))
 
     originals = unet.attn_processors
     processors = dict(originals)
@@ -289,7 +311,7 @@ def trace(
         yield tr
         tr._finish_current()
     except BaseException:
-        tr._current = None  # a failed generation leaves no partial record
+        tr._abandon_unfinished()  # a failed generation leaves no partial record; finished ones are kept
         raise
     finally:
         unet.set_attn_processor(dict(originals))  # the setter consumes the dict it is given

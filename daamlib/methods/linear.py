@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..modules import check_same_model
 from ..record import Record
 from ..text import TextEncoder
 from ..tokens import WordNotInPrompt
@@ -20,19 +21,19 @@ def linear(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=Non
     A word of the generating prompt uses its contextual embedding from that prompt (averaged over
     its tokens); any other word is encoded alone by ``pipe``'s text encoder.
     """
-    return linear_maps(record, word_vector(record, word_or_vector, pipe=pipe, occurrence=occurrence)[None])[0]
+    return linear_maps(record, word_vector(record, word_or_vector, pipe=pipe, occurrence=occurrence)[None])[0].detach().cpu()
 
 
 def linear_maps(record: Record, vectors: torch.Tensor) -> torch.Tensor:
-    """Heatmaps of conditioning vectors [k, d_text] -> [k, H, W]. Differentiable in ``vectors``."""
+    """Heatmaps of conditioning vectors [k, d_text] -> [k, H, W], on the matrix's device. Differentiable in ``vectors``."""
     matrix = _matrix(record)
     if vectors.ndim != 2 or vectors.shape[-1] != matrix.shape[-1]:
         raise ValueError(
             f"vectors must be [k, {matrix.shape[-1]}] (the model's conditioning size); got {tuple(vectors.shape)}"
         )
-    maps = vectors.to(matrix.dtype) @ matrix.T  # [k, H*W]
+    maps = vectors.to(matrix.device, matrix.dtype) @ matrix.T  # [k, H*W]
     if record.linear_bias is not None:
-        maps = maps + record.linear_bias.float()
+        maps = maps + record.linear_bias.to(matrix.device, torch.float32)
     return maps.reshape(-1, *record.latent_size)
 
 
@@ -50,6 +51,7 @@ def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pip
             ) from None
     else:
         return record.text_embeddings[indices].float().mean(dim=0)
+    check_same_model(record.meta.model_fingerprint, pipe)
     return TextEncoder(pipe).word_vector(word_or_vector)
 
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..capture.processor import split_heads
+from ..modules import check_same_model, project
 from ..record import Record
 from ..text import TextEncoder
 from ..tokens import PromptTokens
@@ -32,7 +33,9 @@ def openvocab(
     include_padding: bool = False,
     upsample: str = "bilinear",
 ) -> torch.Tensor:
-    """Heatmap of ``word`` inside ``context`` ([H, W]), or of every key token of ``context`` ([m, H, W])."""
+    """Heatmap of ``word`` inside ``context`` ([H, W]), or of every key token of ``context`` ([m, H, W]).
+
+    Computed where the query cache lives (the pipeline's GPU when traced there); returned on the CPU."""
     if not isinstance(context, str) or not context.strip():
         raise ValueError("the context phrase is empty; pass a phrase such as 'a car and a tree in a street'")
     if context in record.contexts and steps is None:
@@ -42,6 +45,7 @@ def openvocab(
     elif record.queries:
         if pipe is None:
             raise ValueError("open-vocabulary maps from the query cache need pipe= (text encoder and W_k)")
+        check_same_model(record.meta.model_fingerprint, pipe)
         encoded = TextEncoder(pipe).encode(context)
         positions = encoded.key_positions(include_padding)
         tokens = encoded.tokens
@@ -51,6 +55,7 @@ def openvocab(
             f"the record has no query cache and no re-run maps for {context!r}: trace with queries=True, "
             f"or re-run the seeded generation inside trace(contexts=[{context!r}])"
         )
+    maps = maps.detach().cpu()
     if word is None:
         return maps
     indices = list(tokens.token_indices(word, occurrence))  # words lie between SOT and EOT: always keys
@@ -68,14 +73,17 @@ def openvocab_maps(
 ) -> torch.Tensor:
     """Softmax maps over the keys made from ``key_embeddings`` [m, d_text] -> [m, H, W].
 
-    Uses every cached (layer, step) query; differentiable in ``key_embeddings`` when they require
-    grad (the model's own weights never get gradients here).
+    Uses every cached (layer, step) query and computes on the device the queries live on (move a
+    loaded record with ``record.to(device)`` once to work on a GPU); the result stays there.
+    Differentiable in ``key_embeddings`` when they require grad; the model's own weights never get
+    gradients here.
     """
     with torch.set_grad_enabled(key_embeddings.requires_grad):
         return _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample)
 
 
-_BATCH_ELEMENTS = 2**24  # query values (float32) of the steps batched into one matmul: bounds its memory
+_CPU_BATCH_ELEMENTS = 2**24  # float32 query values batched into one matmul on the CPU (cache-friendly)
+_DEVICE_MEMORY_SHARE = 4  # on a GPU, a batch of steps may use a quarter of the free memory
 
 
 def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> torch.Tensor:
@@ -85,15 +93,17 @@ def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> to
     for (name, step), query in record.queries.items():
         if step in step_filter:
             queries_by_layer.setdefault(name, []).append(query)
+    device = next(iter(record.queries.values())).device
+    key_embeddings = key_embeddings.to(device)
+    budget = _batch_elements(device)
     per_layer: dict[str, torch.Tensor] = {}
     for meta in chosen:
         step_queries = queries_by_layer.get(meta.name)
         if not step_queries:
             continue
-        to_k = pipe.unet.get_submodule(meta.name).to_k
-        keys = to_k(key_embeddings.to(to_k.weight.device, to_k.weight.dtype)).float().cpu()  # [m, inner]
+        keys = project(pipe.unet.get_submodule(meta.name).to_k, key_embeddings)  # [m, inner]
         keys = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]; W_k X' is the same every step
-        steps_per_batch = max(1, _BATCH_ELEMENTS // step_queries[0].numel())
+        steps_per_batch = max(1, budget // step_queries[0].numel())
         total = 0
         for start in range(0, len(step_queries), steps_per_batch):
             batch = torch.stack(step_queries[start : start + steps_per_batch]).float()  # [s, hw, inner]
@@ -105,6 +115,15 @@ def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> to
         raise KeyError("no cached queries match the chosen layers and steps")
     present = [layer for layer in chosen if layer.name in per_layer]
     return sum_upsampled(per_layer, present, record.latent_size, upsample)
+
+
+def _batch_elements(device: torch.device) -> int:
+    """How many float32 query values one batched matmul may hold on ``device``."""
+    if device.type != "cuda":
+        return _CPU_BATCH_ELEMENTS
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    # the float32 copy of the queries and their logits' gradients: about 3 copies of 4 bytes
+    return max(_CPU_BATCH_ELEMENTS, free_bytes // (_DEVICE_MEMORY_SHARE * 3 * 4))
 
 
 def _stored_context_tokens(record: Record, context: str) -> PromptTokens:
