@@ -219,12 +219,16 @@ def _image_size(pipe, latent_size: tuple[int, int]) -> tuple[int, int] | None:
 def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], include_padding: bool) -> dict[str, ContextKeys]:
     from ..text import TextEncoder
 
+    if isinstance(phrases, str):
+        raise ValueError(f"contexts must be a list of phrases, not the string {phrases!r}; pass contexts=[{phrases!r}]")
     if isinstance(phrases, Mapping):  # named conditioning vectors, e.g. optimized tokens
         contexts = {}
         for name, vectors in phrases.items():
             vectors = torch.as_tensor(vectors).detach().float().to(execution_device(pipe))
-            if vectors.ndim != 2:
-                raise ValueError(f"context {name!r} must be vectors [m, d_text]; got shape {tuple(vectors.shape)}")
+            d_text = attention_layers(pipe.unet, "cross")[0].key_dim
+            if vectors.ndim != 2 or vectors.shape[-1] != d_text:
+                raise ValueError(f"context {name!r} must be vectors [m, {d_text}] (the model's conditioning size); "
+                                 f"got shape {tuple(vectors.shape)}")
             contexts[name] = ContextKeys(embeddings=vectors, token_strings=[f"{name}[{i}]" for i in range(len(vectors))])
         return contexts
     encoder = TextEncoder(pipe)
