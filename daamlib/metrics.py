@@ -119,7 +119,7 @@ def iou_curve(
             f"the mask is one [H, W] map; got shape {list(target.shape)}. Pass one boolean mask per "
             "image (for an RGB or palette mask, compare it with the class's colour or label first)"
         )
-    values = to_mask_resolution(_heatmap_tensor(heatmap), target.shape, upsample).numpy().ravel()
+    values = to_mask_resolution(_heatmap_tensor(heatmap).detach().cpu(), target.shape, upsample).numpy().ravel()
     peak = float(_positive_max(torch.from_numpy(values)))  # after upsampling: the max the levels use
     target = target.ravel()
     order = np.argsort(-values, kind="stable")

@@ -79,6 +79,7 @@ def test_iou_curve_heatmap_dtypes():
     np.testing.assert_allclose(metrics.iou_curve(peaked().half(), box_mask(), taus), as_float)
     np.testing.assert_allclose(metrics.iou_curve(peaked().numpy(), box_mask(), taus), as_float)
     np.testing.assert_allclose(metrics.iou_curve(peaked(), box_mask().astype(np.float16), taus), as_float)
+    np.testing.assert_allclose(metrics.iou_curve(peaked().requires_grad_(), box_mask(), taus), as_float)
     with pytest.raises(TypeError, match="real-valued; got dtype torch.bool.*iou"):
         metrics.iou_curve(peaked() > 0, box_mask())
     with pytest.raises(TypeError, match="torch.Tensor or np.ndarray"):
