@@ -179,6 +179,9 @@ def model_identity(model: str | os.PathLike | None) -> str:
     if model is None:
         from .models import toy_model_dir
 
+        if not (toy_model_dir() / "model_index.json").exists():
+            raise FileNotFoundError(f"the embedded toy model is missing at {toy_model_dir()}; train it with "
+                                    "`python -m daamlib.toyworld.train` or pass --model")
         return str(toy_model_dir().resolve())
     path = Path(model).expanduser()
     if path.is_dir():
