@@ -12,6 +12,7 @@ TARGETS = {
     "linear_latency": 0.002,  # seconds, SD 2-base at latent resolution
     "optimization": 200.0,  # thesis seconds per epoch per image / ours, linear
     "throughput": 0.9,  # datagen / plain images per minute
+    "option_overhead": 1.15,  # each trace option / plain generation, on the GPU
 }
 
 
@@ -128,6 +129,22 @@ def render(results: list[dict]) -> str:
                     + [_bytes(max((s["cuda"] or 0) for s in sections.values()) or None)])
     parts.append("Peak RSS of the whole process in each section (increase over its start), and CUDA max allocated:")
     parts.append(_table(["case", "overhead runs", "every record kind", "queries", "optimization", "datagen", "CUDA max"], rows))
+
+    with_options = [r for r in results if "option_overhead" in r]
+    if with_options:
+        parts.append("### 7. Each trace option alone (generation time with the option / without; peak memory)")
+        names = list(with_options[0]["option_overhead"]["ratios"])
+        rows = [[r["case"], r["device"]] + [f"{r['option_overhead']['ratios'][n]:.3f}× / {_bytes(r['option_overhead']['peaks'].get(n))}"
+                                             for n in names] for r in with_options]
+        parts.append(_table(["case", "device"] + names, rows))
+        parts.append(f"Targets: every option ≤ {TARGETS['option_overhead']}× on the GPU. Peaks are "
+                     f"{with_options[0]['option_overhead']['peak_kind']}.")
+
+    parts.append("### 8. Notebook 04 at the thesis protocol, projected from the measured costs")
+    rows = [[r["case"], r["device"], f"{r['notebook04']['record_epochs_per_variant']:,}",
+             f"{r['notebook04']['optimization_seconds'] / 60:.1f} min", f"{r['notebook04']['seconds'] / 60:.1f} min"]
+            for r in results if "notebook04" in r]
+    parts.append(_table(["case", "device", "record-epochs per variant", "optimization", "total incl. generation"], rows))
     return "\n\n".join(parts)
 
 

@@ -33,6 +33,8 @@ from sections import (
     bytes_per_image,
     capture_overhead,
     dataset_throughput,
+    notebook04_projection,
+    option_overhead,
     optimization_speed,
     query_latency,
     record_with_everything,
@@ -48,6 +50,12 @@ CASES = {
     "sdxl-base": Case("sdxl-base", "SDXL-base architecture, random weights, 512x512 px (64x64 latent)",
                       sdxl_base_random_pipeline, steps=1, size=512, repeats=3),
 }
+ON_CUDA = {  # a GPU runs the published settings: 30 steps, SDXL at its native 1024x1024, fp16
+    "sd2-base": dict(steps=30, size=512, repeats=5),
+    "sdxl-base": dict(steps=30, size=1024, repeats=3,
+                      description="SDXL-base architecture, random weights, 1024x1024 px (128x128 latent)"),
+    "toy": dict(steps=30, repeats=7),
+}
 
 
 def machine() -> dict:
@@ -61,7 +69,7 @@ def machine() -> dict:
     return info
 
 
-def run_case(case: Case, device: str, throughput_rounds: int) -> dict:
+def run_case(case: Case, device: str, throughput_rounds: int, options: bool) -> dict:
     print(f"[{case.name}] building the pipeline", flush=True)
     pipe = case.build().to(device)
     if device == "cuda":
@@ -82,6 +90,9 @@ def run_case(case: Case, device: str, throughput_rounds: int) -> dict:
     results["query_latency"] = section("query_latency", lambda: query_latency(pipe, case, record))
     results["optimization"] = section("optimization", lambda: optimization_speed(pipe, case, record))
     results["throughput"] = section("throughput", lambda: dataset_throughput(pipe, case, throughput_rounds))
+    if options:
+        results["option_overhead"] = section("option_overhead", lambda: option_overhead(pipe, case))
+    results["notebook04"] = notebook04_projection(results)
     return results
 
 
@@ -95,16 +106,20 @@ def main(argv=None) -> None:
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--docs", type=Path, default=HERE.parent / "docs" / "benchmarks.md")
     parser.add_argument("--force", action="store_true", help="measure cases that already have results")
+    parser.add_argument("--options", action="store_true", default=None,
+                        help="also time each trace option alone (default: on CUDA only)")
     args = parser.parse_args(argv)
     for name in args.cases:
         case = CASES[name]
         overrides = {key: value for key, value in (("steps", args.steps), ("repeats", args.repeats)) if value is not None}
-        case = dataclasses.replace(case, **overrides)
+        cuda = args.device.startswith("cuda")
+        case = dataclasses.replace(case, **{**(ON_CUDA.get(name, {}) if cuda else {}), **overrides})
         path = args.results / f"{name}-{args.device}.json"
         if path.exists() and not args.force:
             print(f"[{name}] results exist at {path}; skipped (pass --force to measure again)")
             continue
-        write_json(path, run_case(case, args.device, args.throughput_rounds))
+        options = cuda if args.options is None else args.options
+        write_json(path, run_case(case, args.device, args.throughput_rounds, options))
     write_report(sorted(args.results.glob("*.json")), args.docs)
     print(f"wrote {args.docs}")
 

@@ -74,6 +74,15 @@ def to_thesis_steps(pipe, case: Case) -> float:
 
 
 FULL_RECORD = dict(per_step=True, queries=True, linear=True)
+OPTIONS = {  # each trace option on top of the DAAM record
+    "per_head": dict(per_head=True),
+    "per_step": dict(per_step=True),
+    "queries (on device)": dict(queries=True),
+    "queries (pinned host)": dict(queries=True, query_device="cpu"),
+    "linear": dict(linear=True),
+    "self_attention": dict(self_attention=True),
+    "contexts": dict(contexts=["a tree on a sidewalk"]),
+}
 EVERY_RECORD = dict(per_head=True, per_step=True, queries=True, linear=True, self_attention=True)
 
 
@@ -123,6 +132,25 @@ def naive_agreement(pipe, case: Case, latent_size: tuple[int, int]) -> float:
     ours = daamlib.token_maps(record, range(len(record.meta.token_ids)), upsample="bicubic")  # [n, H, W]
     naive = naive_daam(sums)[0]
     return float((ours - naive).abs().max() / naive.abs().max())
+
+
+def option_overhead(pipe, case: Case) -> dict:
+    """Each trace option alone against plain generation: median ratio and peak memory (CUDA max allocated)."""
+    variants = {"plain": nullcontext, **{name: (lambda o=options: daamlib.trace(pipe, **o)) for name, options in OPTIONS.items()}}
+    peaks: dict[str, int | None] = {}
+
+    def variant(name: str):
+        def run():
+            with peak_memory() as peak, variants[name]() as traced:
+                _generate(pipe, case)
+                if traced is not None:
+                    traced.records  # the records are part of the cost
+            peaks[name] = peak.cuda if peak.cuda is not None else (peak.rss or 0) - (peak.rss_at_start or 0)
+        return run
+
+    times = interleaved({name: variant(name) for name in variants}, case.repeats)
+    return {"ratios": {name: median_ratio(times, name, "plain") for name in OPTIONS}, "peaks": peaks,
+            "peak_kind": "cuda max allocated" if torch.cuda.is_available() else "rss increase", "times": times}
 
 
 # -- 2. bytes per image ----------------------------------------------------------------------------
@@ -207,6 +235,20 @@ def optimization_speed(pipe, case: Case, record: daamlib.Record, epochs: int = 5
         "softmax_at_30_steps": softmax * to_thesis_steps(pipe, case),
         "linear_speedup_over_thesis": THESIS_SECONDS_PER_EPOCH_PER_IMAGE / linear,
     }
+
+
+def notebook04_projection(results: dict) -> dict:
+    """Wall time of notebook 04 at the thesis protocol (4 classes, 1/2/5 training images, 500 epochs, both
+    variants; 200 images re-run once to evaluate the softmax tokens), from the measured per-step costs."""
+    classes, train_images, epochs, images = 4, 1 + 2 + 5, 500, 200
+    record_epochs = classes * train_images * epochs  # per variant
+    optimization = results["optimization"]
+    plain = results["capture_overhead"]["plain_seconds"] * THESIS_STEPS / results["steps"]
+    full = plain * results["capture_overhead"]["ratios"]["full"]
+    seconds_total = (record_epochs * (optimization["linear"] + optimization["softmax_at_30_steps"])
+                     + classes * train_images * full + images * plain * results["capture_overhead"]["ratios"]["daam"])
+    return {"record_epochs_per_variant": record_epochs, "seconds": seconds_total,
+            "optimization_seconds": record_epochs * (optimization["linear"] + optimization["softmax_at_30_steps"])}
 
 
 # -- 5. dataset throughput -----------------------------------------------------------------------

@@ -37,7 +37,7 @@ def positions(layer: str, latent: int) -> int:
 def test_benchmark_case_and_report(bench, tmp_path):
     run, sections, report = bench
     case = sections.Case("tiny", "tiny random pipeline", tiny_pipeline, steps=2, size=None, repeats=1)
-    results = run.run_case(case, "cpu", throughput_rounds=1)
+    results = run.run_case(case, "cpu", throughput_rounds=1, options=True)
 
     overhead = results["capture_overhead"]
     assert overhead["naive_agreement"] < 1e-5  # original-DAAM upsample-every-step == daamlib's sums
@@ -57,6 +57,9 @@ def test_benchmark_case_and_report(bench, tmp_path):
     assert kinds["daam"]["fp32"] == 4 * 77 * sum(positions(l.name, latent) for l in layers)
 
     assert results["optimization"]["linear"] > 0 and results["throughput"]["throughput_ratio"] > 0
+    assert set(results["option_overhead"]["ratios"]) == set(sections.OPTIONS)
+    assert all(ratio > 0 for ratio in results["option_overhead"]["ratios"].values())
+    assert results["notebook04"]["record_epochs_per_variant"] == 4 * 8 * 500  # 4 classes x (1 + 2 + 5) images x 500
     path = tmp_path / "results" / "tiny-cpu.json"
     write_json(path, results)
     docs = tmp_path / "benchmarks.md"
@@ -65,3 +68,4 @@ def test_benchmark_case_and_report(bench, tmp_path):
     text = docs.read_text()
     assert "hand-written notes" in text and "more notes" in text and "old" not in text
     assert "| tiny | cpu |" in text and json.loads(path.read_text())["case"] == "tiny"
+    assert "### 7. Each trace option alone" in text and "### 8. Notebook 04" in text
