@@ -143,12 +143,13 @@ class HeatmapBrowser:
             heatmap = self.compute().detach()
             upsampled = to_mask_resolution(heatmap, image.shape[:2])
             heatmap01 = normalize(upsampled).numpy()  # for display
+            mask = binarize(upsampled, self.threshold.value).numpy()  # D >= τ·max D
         except (ValueError, KeyError) as error:
             self.message.value = f"<span style='color:#b00'>{error}</span>"
             return
         self.message.value = ""
         self.current_heatmap = heatmap
-        self.current_mask = binarize(upsampled, self.threshold.value).numpy()  # D >= τ·max D
+        self.current_mask = mask
         size = (self.display_size, self.display_size * image.shape[1] // image.shape[0])
         self.overlay_view.value = _png(np.asarray(Image.fromarray(colorize(image, heatmap01)).resize(size[::-1])))
         masked = np.where(self.current_mask[..., None], image, image // 4)

@@ -25,7 +25,7 @@ class StoreEverything:
             for h in range(heads):
                 qh, kh = q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]
                 probs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1))
-            self.calls.append({"layer": self.name, "q": q.clone(), "probs": torch.stack(probs, 1),
+            self.calls.append({"layer": self.name, "q": q.float().cpu(), "probs": torch.stack(probs, 1).float().cpu(),
                                "to_k": attn.to_k, "heads": heads})
         return out
 

@@ -1,8 +1,8 @@
 """Heatmap methods: pure functions of a :class:`~daamlib.record.Record`, returning [H, W] latent-sized maps."""
 
-from .daam import daam, token_maps
+from .daam import daam, daam_02_layers, token_maps
 from .linear import linear, linear_maps
 from .openvocab import openvocab, openvocab_maps
 from .resize import resize
 
-__all__ = ["daam", "token_maps", "linear", "linear_maps", "openvocab", "openvocab_maps", "resize"]
+__all__ = ["daam", "daam_02_layers", "token_maps", "linear", "linear_maps", "openvocab", "openvocab_maps", "resize"]
