@@ -136,6 +136,8 @@ class PromptTokens:
         query = word.strip().lower()
         if not query:
             raise ValueError("the word to look up is empty; pass a word of the prompt or a token index")
+        if query in _SOT_ALIASES | _EOT_ALIASES and occurrence != 0:
+            raise KeyError(f"{word!r} occurs once per prompt; occurrence={occurrence} has no meaning for it (use 0)")
         if query in _SOT_ALIASES:
             return (self.sot_index,)
         if query in _EOT_ALIASES:

@@ -160,3 +160,10 @@ def test_optimized_tokens_load_refuses_a_record_file_and_checks_the_model(two_re
     assert torch.equal(daamlib.OptimizedTokens.load(path, pipe=pipe).vectors, tokens.vectors)
     with pytest.raises(ValueError, match="another model"):
         daamlib.OptimizedTokens.load(path, pipe=tiny_pipeline(seed=1))
+
+
+def test_occurrence_has_no_meaning_for_sot_and_eot(pipe):
+    (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2)
+    assert daamlib.daam(record, "<eot>").shape == (16, 16)
+    with pytest.raises(KeyError, match="occurs once per prompt"):
+        daamlib.daam(record, "<eot>", occurrence=1)

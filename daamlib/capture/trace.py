@@ -314,6 +314,7 @@ def trace(
     try:
         yield tr
         tr._finish_current()
+        tr._build_records()  # the generation is over: reading its tensors stalls nothing
     except BaseException:
         tr._abandon_unfinished()  # a failed generation leaves no partial record; finished ones are kept
         raise
