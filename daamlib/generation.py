@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import numpy as np
@@ -54,6 +55,7 @@ def generate(
     clashes = sorted(set(call) & set(_OWN_ARGUMENTS))
     if clashes:
         raise ValueError(f"pipe_kwargs {clashes} are set by generate; pass " + "; ".join(_OWN_ARGUMENTS[k] for k in clashes))
+    _check_pipeline_arguments(pipe, call)
     if num_inference_steps is not None:
         _check_count("num_inference_steps", num_inference_steps)
         call["num_inference_steps"] = num_inference_steps
@@ -76,6 +78,15 @@ def generate(
         record.image = images[index]
         finished.append(record)
     return finished
+
+
+def _check_pipeline_arguments(pipe, call: dict) -> None:
+    """A misspelt pipeline argument would be ignored silently by a call that takes **kwargs; refuse it."""
+    parameters = inspect.signature(pipe.__call__).parameters
+    unknown = sorted(set(call) - set(parameters))
+    if unknown:
+        raise ValueError(f"pipe_kwargs {unknown} are not arguments of {type(pipe).__name__}; "
+                         f"it takes: {', '.join(p for p in parameters if p != 'kwargs')}")
 
 
 def _check_count(name: str, value) -> None:

@@ -175,6 +175,8 @@ class Record:
 
         ``dtype`` (e.g. ``torch.float16``) converts floating tensors to save space.
         """
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float16 (or None to keep float32), not {dtype!r}")
         path = Path(path)
         if path.suffix != ".safetensors":
             path = path.with_name(path.name + ".safetensors")
@@ -210,6 +212,22 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor
 
 
+def _check_kind(path: Path, metadata: dict) -> None:
+    """A readable safetensors file of another kind is named as such (not called corrupt)."""
+    text = metadata.get(_METADATA_KEY)
+    found = json.loads(text).get("format") if text else None
+    if found == FORMAT_NAME:
+        return
+    if found == "daamlib.tokens":
+        raise _WrongKind(f"{path} holds optimized tokens, not a record; read it with daamlib.OptimizedTokens.load")
+    raise _WrongKind(f"{path} is a safetensors file but not a daamlib record (no daamlib record metadata); "
+                     "records are written by Record.save")
+
+
+class _WrongKind(Exception):
+    pass
+
+
 def load_record(path: str | os.PathLike) -> Record:
     """Read a record written by :meth:`Record.save`; a damaged file raises a ``ValueError``."""
     path = Path(path)
@@ -217,10 +235,15 @@ def load_record(path: str | os.PathLike) -> Record:
         path = path.with_name(path.name + ".safetensors")
     if not path.exists():
         raise FileNotFoundError(f"no record at {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the record's .safetensors file")
     try:
         with safe_open(path, framework="pt") as handle:
+            _check_kind(path, handle.metadata() or {})
             meta = RecordMeta.from_json((handle.metadata() or {})[_METADATA_KEY])
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except _WrongKind as error:
+        raise ValueError(str(error)) from None
     except (SafetensorError, KeyError, ValueError, json.JSONDecodeError, TypeError, OSError) as error:
         raise ValueError(
             f"{path} is not a readable daamlib record ({error}); it may be truncated or corrupt - "

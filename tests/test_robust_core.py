@@ -167,3 +167,67 @@ def test_occurrence_has_no_meaning_for_sot_and_eot(pipe):
     assert daamlib.daam(record, "<eot>").shape == (16, 16)
     with pytest.raises(KeyError, match="occurs once per prompt"):
         daamlib.daam(record, "<eot>", occurrence=1)
+
+
+# -- found by the adversarial pass ------------------------------------------------------------------
+def test_stored_context_maps_are_read_only_with_the_padding_they_were_attached_with(pipe):
+    (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, contexts=["a car and a tree"],
+                                 context_padding=True)
+    assert daamlib.openvocab(record, "a car and a tree", include_padding=True).shape[0] == 77
+    with pytest.raises(ValueError, match="attached with its padding keys"):
+        daamlib.openvocab(record, "a car and a tree")  # was: 77 padding-softmax maps instead of 7
+    with pytest.raises(ValueError, match="summed over steps; steps= needs a query cache"):
+        daamlib.openvocab(record, "a car and a tree", "tree", include_padding=True, steps=[0])
+    with pytest.raises(TypeError, match="include_padding is True or False"):
+        daamlib.openvocab(record, "a car and a tree", include_padding="no")
+    with pytest.raises(IndexError, match="outside the 77 keys"):
+        daamlib.openvocab(record, "a car and a tree", 80, include_padding=True)
+
+
+def test_query_steps_are_checked_before_the_generation_runs(pipe):
+    for bad in ([], [-1], ["0"]):
+        with pytest.raises(ValueError, match="query_steps must be a non-empty list"):
+            daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=bad)
+    with pytest.raises(TypeError, match=r"query_steps=\[0\]"):
+        daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=0)
+    steps = []
+    with pytest.raises(ValueError, match="reach past this generation's 3 UNet calls"):
+        daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=[99],
+                         pipe_kwargs={"callback_on_step_end": lambda p, i, t, kw: steps.append(i) or kw})
+    assert steps == []  # refused at the first UNet call, before any step finished
+    (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=np.array([0, 2]))
+    assert sorted({step for _, step in record.queries}) == [0, 2]
+
+
+def test_trace_layers_must_be_a_list(pipe):
+    name = daamlib.attention_layers(pipe.unet)[0].name
+    with pytest.raises(TypeError, match=r"wrap one layer: layers=\["):
+        daamlib.trace(pipe, layers=name).__enter__()
+
+
+def test_record_save_and_load_name_wrong_kinds(pipe, tmp_path):
+    (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, linear=True)
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        record.save(tmp_path / "int", dtype=torch.int8)  # was: every map saved as zeros
+    with pytest.raises(ValueError, match="is a directory"):
+        daamlib.load_record(tmp_path)
+    mask = np.zeros((32, 32), bool)
+    mask[4:12, 4:12] = True
+    tokens = daamlib.optimize_tokens([record], [mask], init="car", epochs=1, progress=False).save(tmp_path / "tokens")
+    with pytest.raises(ValueError, match="holds optimized tokens, not a record; read it with daamlib.OptimizedTokens.load"):
+        daamlib.load_record(tokens)
+
+
+def test_linear_takes_one_finite_vector(pipe):
+    (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, linear=True)
+    vector = torch.randn(32)
+    assert torch.equal(daamlib.linear(record, vector[None]), daamlib.linear(record, vector))
+    with pytest.raises(ValueError, match="for several vectors use linear_maps"):
+        daamlib.linear(record, torch.randn(2, 16))  # was: flattened into one vector
+    with pytest.raises(ValueError, match="NaN or inf"):
+        daamlib.linear(record, torch.full((32,), float("nan")))
+
+
+def test_generate_refuses_arguments_the_pipeline_does_not_take(pipe):
+    with pytest.raises(ValueError, match=r"pipe_kwargs \['guidance_scal'\] are not arguments of StableDiffusionPipeline"):
+        daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, pipe_kwargs={"guidance_scal": 3.0})

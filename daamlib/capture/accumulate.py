@@ -37,6 +37,12 @@ class CaptureOptions:
             raise ValueError(f"branch must be 'cond' or 'uncond', not {self.branch!r}")
         if self.query_device not in (None, "cpu"):
             raise ValueError(f"query_device must be None (where the UNet computes) or 'cpu', not {self.query_device!r}")
+        if self.query_steps is not None and (
+            not self.query_steps
+            or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in self.query_steps)
+        ):
+            raise ValueError(f"query_steps must be a non-empty list of step indices (0 = first step), not {list(self.query_steps)!r}; "
+                             "None caches every step")
         if not self.query_dtype.is_floating_point:
             raise ValueError(f"query_dtype must be a floating dtype such as torch.float16, not {self.query_dtype}")
 

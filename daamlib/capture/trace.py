@@ -115,6 +115,11 @@ class Trace:
             prompt_ids = calls[0] if calls else None
         if prompt_ids is not None and num_images % prompt_ids.shape[0]:
             raise ValueError(f"{num_images} images cannot come from {prompt_ids.shape[0]} prompts")
+        expected_steps = self._expected_steps()
+        wanted = self.options.query_steps if self.options.queries else None
+        if wanted and expected_steps is not None and max(wanted) >= expected_steps:
+            raise ValueError(f"query_steps {sorted(wanted)} reach past this generation's {expected_steps} UNet calls "
+                             f"(steps 0..{expected_steps - 1}); choose steps inside that range")
         rows = self._traced_rows(num_images, cfg)
         self._current = GenerationState(
             options=self.options,
@@ -122,7 +127,7 @@ class Trace:
             latent_size=latent_size,
             prompt_ids=prompt_ids,
             text_embeddings=context[rows].detach().float(),
-            expected_steps=self._expected_steps(),
+            expected_steps=expected_steps,
         )
 
     def _finish_current(self) -> None:
@@ -193,6 +198,12 @@ class Trace:
         if self._current is None:
             raise RuntimeError(f"{layer.name} ran outside a UNet call; trace only wraps pipeline generation")
         return self._current
+
+
+def _step_tuple(steps) -> tuple:
+    if isinstance(steps, (str, int)):
+        raise TypeError(f"query_steps is a list of step indices; wrap one step: query_steps=[{steps!r}]")
+    return tuple(int(step) if hasattr(step, "__index__") and not isinstance(step, bool) else step for step in steps)
 
 
 def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) -> None:
@@ -287,7 +298,7 @@ def trace(
     options = CaptureOptions(
         daam=daam, per_head=per_head, per_step=per_step, queries=queries,
         query_layers=None if query_layers is None else tuple(query_layers),
-        query_steps=None if query_steps is None else tuple(query_steps),
+        query_steps=None if query_steps is None else _step_tuple(query_steps),
         query_dtype=query_dtype, query_device=query_device, linear=linear,
         self_attention=self_attention, upsample=upsample, branch=branch,
     )

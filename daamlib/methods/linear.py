@@ -40,7 +40,15 @@ def linear_maps(record: Record, vectors: torch.Tensor) -> torch.Tensor:
 def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=None, occurrence: int = 0) -> torch.Tensor:
     """The conditioning vector [d_text] that stands for a word, token index or vector."""
     if isinstance(word_or_vector, torch.Tensor):
-        return word_or_vector.float().reshape(-1)
+        vector = word_or_vector.detach() if not word_or_vector.requires_grad else word_or_vector
+        if vector.ndim == 2 and vector.shape[0] == 1:
+            vector = vector[0]
+        if vector.ndim != 1:
+            raise ValueError(f"a conditioning vector is [d_text] (or [1, d_text]), not {tuple(word_or_vector.shape)}; "
+                             "for several vectors use linear_maps(record, vectors)")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError("the conditioning vector holds NaN or inf values")
+        return vector.float()
     try:
         indices = word_indices(record, word_or_vector, occurrence)
     except WordNotInPrompt:

@@ -37,9 +37,11 @@ def openvocab(
 
     Computed where the query cache lives (the pipeline's GPU when traced there); returned on the CPU."""
     if not isinstance(context, str) or not context.strip():
-        raise ValueError("the context phrase is empty; pass a phrase such as 'a car and a tree in a street'")
-    if context in record.contexts and steps is None:
-        tokens = _stored_context_tokens(record, context)
+        raise ValueError(f"the context must be a non-empty phrase (str) such as 'a car and a tree in a street', not {context!r}")
+    if not isinstance(include_padding, bool):
+        raise TypeError(f"include_padding is True or False, not {include_padding!r}")
+    if context in record.contexts and not (record.queries and steps is not None):
+        tokens = _stored_context_tokens(record, context, include_padding, steps)
         chosen = chosen_layers(record, layers, record.contexts[context])
         maps = sum_upsampled(record.contexts[context], chosen, record.latent_size, upsample)
     elif record.queries:
@@ -51,13 +53,17 @@ def openvocab(
         tokens = encoded.tokens
         maps = openvocab_maps(record, encoded.embeddings[positions], pipe, layers=layers, steps=steps, upsample=upsample)
     else:
+        stored = f"; phrases attached by re-run: {sorted(record.contexts)}" if record.contexts else ""
         raise KeyError(
-            f"the record has no query cache and no re-run maps for {context!r}: trace with queries=True, "
+            f"the record has no query cache and no re-run maps for {context!r}{stored}: trace with queries=True, "
             f"or re-run the seeded generation inside trace(contexts=[{context!r}])"
         )
     maps = maps.detach().cpu()
     if word is None:
         return maps
+    if isinstance(word, int) and not isinstance(word, bool) and not -len(maps) <= word < len(maps):
+        raise IndexError(f"token index {word} is outside the {len(maps)} keys of {context!r} (SOT, its words, EOT"
+                         f"{', padding' if len(maps) > tokens.eot_index + 1 else ''})")
     indices = list(tokens.token_indices(word, occurrence))  # words lie between SOT and EOT: always keys
     return maps[indices].mean(dim=0)
 
@@ -126,6 +132,19 @@ def _batch_elements(device: torch.device) -> int:
     return max(_CPU_BATCH_ELEMENTS, free_bytes // (_DEVICE_MEMORY_SHARE * 3 * 4))
 
 
-def _stored_context_tokens(record: Record, context: str) -> PromptTokens:
+def _stored_context_tokens(record: Record, context: str, include_padding: bool, steps) -> PromptTokens:
+    """The key tokens of a phrase attached by re-run; its maps are a softmax over exactly these keys."""
+    if steps is not None:
+        raise ValueError(f"the re-run maps of {context!r} are summed over steps; steps= needs a query cache "
+                         "(trace with queries=True)")
     strings = record.meta.contexts[context]
-    return PromptTokens(tuple(range(len(strings))), tuple(strings))
+    tokens = PromptTokens(tuple(range(len(strings))), tuple(strings))
+    stored_padding = len(strings) > tokens.eot_index + 1
+    if stored_padding != include_padding:
+        attached = "with" if stored_padding else "without"
+        raise ValueError(
+            f"{context!r} was attached {attached} its padding keys (trace(context_padding={stored_padding})), so its "
+            f"softmax maps cannot be read with include_padding={include_padding}; pass include_padding={stored_padding} "
+            f"or re-run with context_padding={include_padding}"
+        )
+    return tokens
