@@ -120,12 +120,13 @@ def iou_curve(
             "image (for an RGB or palette mask, compare it with the class's colour or label first)"
         )
     values = to_mask_resolution(_heatmap_tensor(heatmap).detach().cpu(), target.shape, upsample).numpy().ravel()
-    peak = float(_positive_max(torch.from_numpy(values)))  # after upsampling: the max the levels use
+    peak = _positive_max(torch.from_numpy(values))  # after upsampling: the max the levels use
     target = target.ravel()
     order = np.argsort(-values, kind="stable")
     sorted_values, sorted_target = values[order], target[order]
     hits = np.concatenate([[0], np.cumsum(sorted_target)])  # target pixels among the top-n
-    levels = taus * peak
+    # each level computed exactly as binarize computes it (tau * max D in the heatmap's dtype)
+    levels = np.array([(float(tau) * peak).item() for tau in taus], dtype=values.dtype)
     counts = np.searchsorted(-sorted_values, -levels, side="right")  # pixels with value >= level
     intersection = hits[counts]
     union = counts + target.sum() - intersection
