@@ -22,6 +22,29 @@ _EOT_ALIASES = {EOT, "<|endoftext|>"}
 _END_OF_WORD = "</w>"
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """CLIP's byte-level BPE writes each UTF-8 byte as one printable character; this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    characters = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            characters.append(256 + extra)
+            extra += 1
+    return {chr(character): byte for byte, character in zip(printable, characters)}
+
+
+_BYTES_OF = _byte_level_alphabet()
+
+
+def decode_piece(text: str) -> str:
+    """A BPE word as the user typed it ("cafÃ©" -> "café"); text outside the byte alphabet is kept."""
+    if not all(character in _BYTES_OF for character in text):
+        return text
+    return bytes(_BYTES_OF[character] for character in text).decode("utf-8", errors="replace")
+
+
 class WordNotInPrompt(KeyError):
     """The word is not among the prompt's words (open-vocabulary methods can still map it)."""
 
@@ -117,10 +140,10 @@ class PromptTokens:
             indices.append(index)
             if piece.endswith(_END_OF_WORD):
                 text = "".join(pieces)[: -len(_END_OF_WORD)]
-                words.append(Word(text, tuple(indices)))
+                words.append(Word(decode_piece(text), tuple(indices)))
                 pieces, indices = [], []
         if pieces:  # a word cut by truncation has no end marker
-            words.append(Word("".join(pieces), tuple(indices)))
+            words.append(Word(decode_piece("".join(pieces)), tuple(indices)))
         return tuple(words)
 
     def token_indices(self, word: str | int, occurrence: int = 0) -> tuple[int, ...]:

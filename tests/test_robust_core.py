@@ -231,3 +231,10 @@ def test_linear_takes_one_finite_vector(pipe):
 def test_generate_refuses_arguments_the_pipeline_does_not_take(pipe):
     with pytest.raises(ValueError, match=r"pipe_kwargs \['guidance_scal'\] are not arguments of StableDiffusionPipeline"):
         daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, pipe_kwargs={"guidance_scal": 3.0})
+
+
+def test_non_ascii_words_are_found_as_typed(pipe):
+    (record,) = daamlib.generate(pipe, "a café near 東京", seed=0, num_inference_steps=2)
+    assert record.tokens.text == "a café near 東京"
+    assert torch.equal(daamlib.daam(record, "café"), daamlib.token_maps(record, record.tokens.token_indices("café")).mean(0))
+    assert len(record.tokens.token_indices("東京")) >= 2  # one word of several byte-level pieces
