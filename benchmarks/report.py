@@ -111,7 +111,7 @@ def render(results: list[dict]) -> str:
         t = r["throughput"]
         rows.append([r["case"], f"{t['plain_images_per_minute']:.2f}", f"{t['datagen_images_per_minute']:.2f}",
                      f"{t['throughput_ratio']:.3f}", _check(t["throughput_ratio"], TARGETS["throughput"], True)])
-    parts.append(_table(["case", "generate + PNG", "daamlib.datagen (image, record, labels, meta, manifest)", "ratio",
+    parts.append(_table(["case", "generate + PNG", "daamlab.datagen (image, record, labels, meta, manifest)", "ratio",
                          f"target ≥ {TARGETS['throughput']}"], rows))
 
     parts.append("### 6. Peak memory")

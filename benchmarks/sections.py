@@ -26,11 +26,11 @@ from measure import (
 from naive_capture import naive_daam, naive_trace
 
 import daamlib
-from daamlib.datagen import GenerationSettings, generate_dataset
+from daamlab.datagen import GenerationSettings, generate_dataset
 from daamlib.io import save_png
 from daamlib.methods.linear import linear_maps
 from daamlib.methods.openvocab import openvocab_maps
-from daamlib.prompts import PromptSet
+from daamlab.prompts import PromptSet
 from daamlib.text import TextEncoder
 
 THESIS_STEPS = 30
@@ -253,7 +253,7 @@ def notebook04_projection(results: dict) -> dict:
 
 # -- 5. dataset throughput -----------------------------------------------------------------------
 def dataset_throughput(pipe, case: Case, rounds: int) -> dict:
-    """Images per minute: generate + PNG, against daamlib.datagen (image, record, labels, meta, manifest)."""
+    """Images per minute: generate + PNG, against daamlab.datagen (image, record, labels, meta, manifest)."""
     settings = GenerationSettings(num_inference_steps=case.steps, height=case.size, width=case.size)
     prompt_set = PromptSet.from_dict({"templates": [{"template": case.template, "attributes": {"object": [case.word]},
                                                      "words": ["object"]}]})

@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
-from .methods.resize import resize
+from .layout import resize
 
 DEFAULT_THRESHOLD_COUNT = 101
 
@@ -133,7 +132,7 @@ def iou_curve(
     return np.where(union == 0, 1.0, intersection / np.maximum(union, 1))
 
 
-def summarize(curves: Mapping[str, np.ndarray], taus: np.ndarray | None = None) -> pd.DataFrame:
+def summarize(curves: Mapping[str, np.ndarray], taus: np.ndarray | None = None) -> "pandas.DataFrame":
     """Per class (rows) and "All": max mIoU, its tau, AUC of mIoU(tau), images.
 
     ``curves[class]`` is [images, taus] of per-image IoU. "All" is the mean over classes.
@@ -157,6 +156,8 @@ def summarize(curves: Mapping[str, np.ndarray], taus: np.ndarray | None = None) 
             "auc": float(np.trapezoid(mean, grid)),
             "images": per_image.shape[0],
         }
+    import pandas as pd  # only this table needs it: `import daamlib` stays light
+
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.loc["All"] = [table["max_miou"].mean(), np.nan, table["auc"].mean(), table["images"].sum()]
     return table

@@ -12,14 +12,16 @@ Task = Literal["txt2img", "img2img", "inpaint"]
 TOY_MODEL_NAME = "toy-urban"
 
 
-def data_dir() -> Path:
-    """The repository's ``data/`` directory (the package is used from its checkout)."""
-    return Path(__file__).resolve().parent.parent / "data"
+TOY_MODEL_ENV = "DAAMLIB_TOY_MODEL"
 
 
 def toy_model_dir() -> Path:
-    """Where the embedded toy model is saved with ``save_pretrained``."""
-    return data_dir() / "models" / TOY_MODEL_NAME
+    """The embedded toy model's ``save_pretrained`` directory: ``$DAAMLIB_TOY_MODEL`` when set, else
+    ``data/models/toy-urban`` of the source checkout daamlib is installed from."""
+    configured = os.environ.get(TOY_MODEL_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(__file__).resolve().parent.parent / "data" / "models" / TOY_MODEL_NAME
 
 
 def default_device() -> torch.device:
@@ -119,8 +121,9 @@ def _resolve_source(name_or_dir: str | os.PathLike | None) -> Path | str:
         directory = toy_model_dir()
         if not (directory / "model_index.json").exists():
             raise FileNotFoundError(
-                f"the embedded toy model is missing at {directory}; train it with "
-                "`python -m daamlib.toyworld.train` or pass a model id or directory"
+                f"the embedded toy model is not at {directory}. It ships in the repository's data/models/toy-urban: "
+                f"install daamlib from a checkout (pip install -e .) or set {TOY_MODEL_ENV}=<checkout>/data/models/toy-urban; "
+                "or pass a model id or directory"
             )
         return directory
     path = Path(name_or_dir).expanduser()

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .io import save_safetensors
-from .methods.linear import linear_maps, word_vector
-from .methods.openvocab import openvocab_maps
+from .methods.linear import word_vector
+from .methods.protocol import vector_maps
 from .modules import check_same_model, execution_device, same_model
 from .record import Record, library_version
 
@@ -151,7 +151,7 @@ def optimize_tokens(
     for _ in tqdm(range(epochs), desc="optimizing tokens", disable=not progress):
         optimizer.zero_grad()
         total = sum(
-            token_loss(heatmaps(record, vectors, variant, pipe), target, loss)
+            token_loss(vector_maps(record, vectors, variant, pipe), target, loss)
             for record, target in zip(records, targets)
         ) / len(records)
         total.backward()
@@ -188,13 +188,6 @@ def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:
             )
     if pipe is not None:
         check_same_model(first.model_fingerprint, pipe, "record 0")
-
-
-def heatmaps(record: Record, vectors: torch.Tensor, variant: Variant, pipe=None) -> torch.Tensor:
-    """Heatmaps of the optimized vectors on one record.  [k, H, W]"""
-    if variant == "linear":
-        return linear_maps(record, vectors)
-    return openvocab_maps(record, vectors, pipe)
 
 
 def token_loss(maps: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:

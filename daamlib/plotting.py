@@ -63,7 +63,7 @@ def miou_curves(ax, curves: Mapping[str, np.ndarray], title: str | None = None, 
 def examples_grid(dataset, methods: Mapping, per_class: int = 2, seeds: Mapping[str, Sequence[int]] | None = None,
                   size: float = 1.8):
     """Rows: ``per_class`` images of each class; columns: ground truth, then one overlay per method
-    (thesis Figs. 4.2 and 4.9). ``methods`` maps a label to ``fn(record, row) -> heatmap``."""
+    (thesis Figs. 4.2 and 4.9). ``methods`` maps a label to a heatmap method (``attribute(record, word)``)."""
     import matplotlib.pyplot as plt
 
     chosen = []
@@ -78,7 +78,7 @@ def examples_grid(dataset, methods: Mapping, per_class: int = 2, seeds: Mapping[
         image, record = dataset.image(row), dataset.record(row)
         overlay(axes[r, 0], image, mask=dataset.mask(row), title=f"{row['class_name']} #{row['seed']} (GT)")
         for c, (label, method) in enumerate(methods.items(), 1):
-            overlay(axes[r, c], image, method(record, row), mask=dataset.mask(row), title=label)
+            overlay(axes[r, c], image, method.attribute(record, row["word"]).heatmap, mask=dataset.mask(row), title=label)
     figure.tight_layout()
     return figure
 

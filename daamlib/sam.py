@@ -2,11 +2,12 @@
 
 The thesis annotated its SD 2-base images with SAM and manual corrections. Here the class word's
 DAAM heatmap gives SAM a box (around the pixels with D >= τ·max D) and a positive point (the
-heatmap's maximum); :class:`daamlib.review.MaskReview` then lets a person accept, reject or
-re-prompt each mask with points.
+heatmap's maximum); the harness's mask review (``daamlab.review``) lets a person accept, reject
+or re-prompt each mask with points.
 
     sam = load_sam("sam_vit_h_4b8939.pth")                 # vit_b / vit_l / vit_h, read from the checkpoint
-    masks = sam_masks(dataset, SamSegmenter(sam))          # or: MaskReview(dataset, SamSegmenter(sam)).widget
+    box, points = heatmap_prompt(daam(record, "car"), image.shape)
+    mask = SamSegmenter(sam)(image, box, points, labels=np.ones(len(points), int))
 
 ``SamSegmenter`` runs SAM on CUDA when it is present (``device=`` to choose).
 """
@@ -19,8 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import save_png
-from .methods import daam
 from .metrics import binarize, to_mask_resolution
 
 
@@ -96,16 +95,3 @@ class SamSegmenter:
         masks, scores, _ = self.predictor.predict(point_coords=np.asarray(points, float), point_labels=np.asarray(labels, int),
                                                   box=np.asarray(box, float), multimask_output=True)
         return masks[int(np.argmax(scores))].astype(bool)
-
-
-def sam_masks(dataset, segmenter, tau: float = 0.4) -> dict[str, np.ndarray]:
-    """Propose a mask per sample from its class word's DAAM map and write it as the dataset's mask
-    (no review; see :class:`daamlib.review.MaskReview` for that)."""
-    proposals = {}
-    for _, row in dataset.manifest.iterrows():
-        image = dataset.image(row)
-        box, points = heatmap_prompt(daam(dataset.record(row), row["word"]), image.shape, tau)
-        mask = segmenter(image, box, points, np.ones(len(points), int))
-        save_png(np.uint8(mask) * 255, dataset.directory / row["mask"])
-        proposals[row["name"]] = mask
-    return proposals

@@ -11,8 +11,10 @@ The CLIP tokenizer is the project's own (SD's BPE vocabulary)."""
 from __future__ import annotations
 
 import copy
+import gzip
 import math
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -23,11 +25,34 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .toyworld.tokenizer import build_clip_tokenizer
+from .tokens import byte_level_alphabet
 
 TEXT_DIM = 32
+CLIP_CONTEXT_LENGTH = 77  # positions of SD's CLIP tokenizer (the tokenizer of a real pipeline says its own)
+_NUM_MERGES = 49152 - 256 - 2  # CLIP keeps this many merges of the BPE file
+
+
+def open_clip_vocabulary_file() -> Path:
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("building the CLIP tokenizer needs open_clip_torch: pip install open_clip_torch") from error
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def build_clip_tokenizer(bpe_file: str | Path | None = None) -> CLIPTokenizer:
+    """Stable Diffusion's CLIP tokenizer (49408 tokens, SOT 49406, EOT 49407, 77 positions, padded with
+    EOT as in SD 1.x), built offline from the BPE merges file that ships inside ``open_clip_torch``."""
+    path = Path(bpe_file) if bpe_file is not None else open_clip_vocabulary_file()
+    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    alphabet = list(byte_level_alphabet())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT_LENGTH, pad_token="<|endoftext|>")
 
 
 @lru_cache(maxsize=1)

@@ -22,8 +22,9 @@ _EOT_ALIASES = {EOT, "<|endoftext|>"}
 _END_OF_WORD = "</w>"
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """CLIP's byte-level BPE writes each UTF-8 byte as one printable character; this maps them back."""
+def byte_level_alphabet() -> dict[str, int]:
+    """CLIP's (GPT-2's) byte-level BPE: the printable character that stands for each byte -> the byte,
+    printable bytes first, in the vocabulary's order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     characters = list(printable)
     extra = 0
@@ -35,7 +36,7 @@ def _byte_level_alphabet() -> dict[str, int]:
     return {chr(character): byte for byte, character in zip(printable, characters)}
 
 
-_BYTES_OF = _byte_level_alphabet()
+_BYTES_OF = byte_level_alphabet()
 
 
 def decode_piece(text: str) -> str:

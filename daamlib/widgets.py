@@ -12,17 +12,15 @@ new phrase (its text embedding is cached), so typing feels instant.
 from __future__ import annotations
 
 import io
-from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .methods import daam, linear_maps, openvocab
-from .methods.linear import word_vector
+from .methods import DAAM, HeatmapMethod, LinearDAAM, OpenVocabulary, OptimizedToken
 from .metrics import binarize, normalize, to_mask_resolution
-from .optimize import OptimizedTokens, heatmaps
+from .optimize import OptimizedTokens
 from .record import Record
 
 METHODS = ("DAAM", "open-vocabulary", "linear", "optimized")
@@ -57,7 +55,6 @@ class HeatmapBrowser:
         self.pipe = pipe
         self.tokens = dict(tokens or {})
         self.display_size = display_size
-        self._vector = lru_cache(maxsize=256)(self._text_vector)
 
         methods = [m for m in METHODS if self._method_available(m)]
         self.record_select = w.Dropdown(options=[(self._record_label(i), i) for i in range(len(self.records))],
@@ -109,9 +106,6 @@ class HeatmapBrowser:
         self.steps.min, self.steps.max, self.steps.value = 0, last, (0, last)
         self.steps.disabled = not record.daam_steps and not record.queries
 
-    def _text_vector(self, phrase: str) -> torch.Tensor:
-        return word_vector(self.record, phrase, pipe=self.pipe)
-
     # -- computing ---------------------------------------------------------------------------------
     def _filters(self) -> tuple[list[str] | None, list[int] | None]:
         layers = list(self.layers.value) or None
@@ -119,23 +113,28 @@ class HeatmapBrowser:
         full = (first, last) == (0, self.record.num_steps - 1)
         return layers, None if full or self.steps.disabled else list(range(first, last + 1))
 
-    def compute(self) -> torch.Tensor:
-        """The heatmap [h, w] (latent resolution) for the current settings."""
-        record, method = self.record, self.method.value
+    def chosen_method(self) -> tuple[HeatmapMethod, str | int]:
+        """The method object and the word (or token index) the current settings ask for."""
+        method = self.method.value
         layers, steps = self._filters()
         phrase = self.text.value.strip()
         if method == "DAAM":
-            return daam(record, self.token.value, layers=layers, steps=steps)
+            return DAAM(layers=layers, steps=steps), self.token.value
         if method in ("open-vocabulary", "linear") and not phrase:
             raise ValueError("type a phrase for the open-vocabulary and linear methods")
         if method == "open-vocabulary":
-            return openvocab(record, phrase, phrase.split()[-1], pipe=self.pipe, layers=layers, steps=steps)
+            return OpenVocabulary(self.pipe, phrase, layers=layers, steps=steps), phrase.split()[-1]
         if method == "linear":
             if layers or steps:
                 raise ValueError("the linear matrix is collapsed over layers and steps; clear the filters")
-            return linear_maps(record, self._vector(phrase)[None])[0]
-        found = self.tokens[self.optimized.value]
-        return heatmaps(record, found.vectors, found.variant, self.pipe)[0]
+            return LinearDAAM(self.pipe), phrase
+        name = self.optimized.value
+        return OptimizedToken({name: self.tokens[name]}, self.pipe), name
+
+    def compute(self) -> torch.Tensor:
+        """The heatmap [h, w] (latent resolution) for the current settings."""
+        method, word = self.chosen_method()
+        return method.attribute(self.record, word).heatmap
 
     def update(self) -> None:
         image = self.record.image
@@ -159,6 +158,5 @@ class HeatmapBrowser:
         self.update()
 
     def _on_record(self, change) -> None:
-        self._vector.cache_clear()
         self._refresh_record_controls()
         self.update()

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from daamlib.datagen import all_samples, merged_manifest, parse_shard, shard_samples
+from daamlab.datagen import all_samples, merged_manifest, parse_shard, shard_samples
 from daamlib.labels import UNCERTAIN
-from daamlib.prompts import PromptSet
+from daamlab.prompts import PromptSet
 
 PROMPTS = {
     "seeds_per_prompt": 2,
@@ -66,7 +66,7 @@ def setup(tmp_path_factory):
 
 
 def run_cli(root, out, *extra, wait=True):
-    command = [sys.executable, "-m", "daamlib.datagen", str(root / "prompts.yaml"), "--out", str(out),
+    command = [sys.executable, "-m", "daamlab.datagen", str(root / "prompts.yaml"), "--out", str(out),
                "--model", str(root / "model"), "--device", "cpu", "--num-inference-steps", "3", *extra]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -111,7 +111,7 @@ def test_kill_9_then_resume_gives_the_same_dataset(setup):
 def test_export_writes_coco_and_yolo_matching_the_label_pngs(setup):
     from pycocotools.coco import COCO
 
-    from daamlib.datagen import export_labels, labelled_images
+    from daamlab.datagen import export_labels, labelled_images
     from daamlib.labels import clean_mask, instances, mask_to_polygons
 
     out = setup / "exported"

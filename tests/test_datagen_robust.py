@@ -1,4 +1,4 @@
-"""Bad inputs to prompt sets and daamlib.datagen fail before any model loads; a reused output folder
+"""Bad inputs to prompt sets and daamlab.datagen fail before any model loads; a reused output folder
 never mixes two datasets; sharded runs (RANK / WORLD_SIZE / LOCAL_RANK) export once, after every shard."""
 
 import json
@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from daamlib.datagen import (GenerationSettings, check_fingerprint, export_labels, generate_dataset, main, merged_manifest,
+from daamlab.datagen import (GenerationSettings, check_fingerprint, export_labels, generate_dataset, main, merged_manifest,
                              model_identity, parse_shard, shard_device, wait_for_shards)
-from daamlib.prompts import PromptSet, contains_words
+from daamlab.prompts import PromptSet, contains_words
 
 GOOD = {"template": "a {object} in a street", "attributes": {"object": ["car", "person"]}, "words": ["object"]}
 
@@ -210,7 +210,7 @@ def test_two_launched_ranks_build_disjoint_complete_shards_and_export_once(tmp_p
     prompts = tmp_path / "prompts.yaml"
     prompts.write_text(yaml.safe_dump({"seeds_per_prompt": 2, "templates": [GOOD]}))
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "daamlib.datagen", str(prompts), "--out", str(out), "--model", str(tmp_path / "model"),
+    command = [sys.executable, "-m", "daamlab.datagen", str(prompts), "--out", str(out), "--model", str(tmp_path / "model"),
                "--num-inference-steps", "2", "--export", "coco", "--wait-timeout", "300"]
     processes = []
     for rank in (1, 0):  # rank 1 first: rank 0 must wait for it

@@ -8,8 +8,8 @@ from PIL import Image
 
 from daamlib import labels as LB
 from daamlib.metrics import iou
-from daamlib.toyworld import labels as L
-from daamlib.toyworld.render import render_scene
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.render import render_scene
 
 
 def rendered_objects():

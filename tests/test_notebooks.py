@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from daamlib import binarize, daam, iou
-from daamlib.experiments import ThesisDataset
+from daamlab.experiments import ThesisDataset
 from daamlib.metrics import thresholds, to_mask_resolution
-from daamlib.runs import NotebookFailed, load_preset, run_preset
+from daamlab.runs import NotebookFailed, load_preset, run_preset
 
 pytest.importorskip("papermill")
 
@@ -95,7 +95,7 @@ def test_unknown_preset_lists_the_available_ones():
 def test_label_export_counts_match_the_files(run_dir):
     from pycocotools.coco import COCO
 
-    from daamlib.datagen import merged_manifest
+    from daamlab.datagen import merged_manifest
     from daamlib.labels import UNCERTAIN
 
     recorded = results(run_dir, "07_labels_and_export")

@@ -49,12 +49,12 @@ def test_pcc_runs_on_a_traced_generation(pipe):
 
 def test_pcc_on_toy_generations_beats_the_trivial_baselines(tmp_path):
     """Semantic mIoU against the annotator, pooled over 2 seeds x 4 classes of the thesis prompt (30 steps)."""
-    from daamlib.experiments import build_dataset
-    from daamlib.experiments.dataset import annotate_toy_dataset
-    from daamlib.experiments.segmentation import SINGLE_CLUSTER, baseline_labels, pcc_labels, semantic_scores, truth_labels
+    from daamlab.experiments import build_dataset
+    from daamlab.experiments.dataset import annotate_toy_dataset
+    from daamlab.experiments.segmentation import SINGLE_CLUSTER, baseline_labels, pcc_labels, semantic_scores, truth_labels
     from daamlib.metrics import iou
-    from daamlib.toyworld import labels as L
-    from daamlib.toyworld.annotator import Annotator, find_annotator
+    from daamlab.toyworld import labels as L
+    from daamlab.toyworld.annotator import Annotator, find_annotator
 
     toy = daamlib.load_pipeline(device="cpu", progress_bar=False)
     classes = list(L.MAIN_CLASSES)

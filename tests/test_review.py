@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from daamlib import daam
-from daamlib.experiments import build_dataset
-from daamlib.review import DECISIONS_FILE, MaskReview
-from daamlib.sam import SamSegmenter, heatmap_prompt, sam_masks
+from daamlab.experiments import build_dataset
+from daamlab.review import DECISIONS_FILE, MaskReview
+from daamlib.sam import SamSegmenter, heatmap_prompt
+from daamlab.review import sam_masks
 from pipelines import tiny_pipeline
 
 pytest.importorskip("ipywidgets")

@@ -13,9 +13,9 @@ import torch
 import yaml
 from PIL import Image
 
-from daamlib.experiments.dataset import ThesisDataset, ground_truth_source, import_masks, sample_name
+from daamlab.experiments.dataset import ThesisDataset, ground_truth_source, import_masks, sample_name
 from daamlib.io import write_json, write_text
-from daamlib.runs import (NOTEBOOK_DIR, PRESET_DIR, load_preset, main, notebook_defaults, resolve_path, run_preset)
+from daamlab.runs import (NOTEBOOK_DIR, PRESET_DIR, load_preset, main, notebook_defaults, resolve_path, run_preset)
 
 
 # -- io: files honour the umask ---------------------------------------------------------------------
@@ -56,11 +56,11 @@ def notebooks(tmp_path):
     folder.mkdir()
     (folder / "a.ipynb").write_text(json.dumps(notebook(
         'run_dir = "."\nmask_dir = None\nmodel = None\nvalue = 1',
-        "import os\nfrom daamlib.runs import save_results\n"
+        "import os\nfrom daamlab.runs import save_results\n"
         "save_results(run_dir, 'a', {'value': value, 'mask_dir': mask_dir, 'model': model, 'cwd': os.getcwd()})")))
     (folder / "b.ipynb").write_text(json.dumps(notebook(
         'run_dir = "."\nflag = ""',
-        "import os\nfrom daamlib.runs import save_results\n"
+        "import os\nfrom daamlab.runs import save_results\n"
         "assert os.path.exists(flag), 'flag missing'\nsave_results(run_dir, 'b', {'ok': 1})")))
     return folder
 
@@ -163,7 +163,7 @@ def test_resume_needs_an_existing_run_of_the_same_preset(tmp_path, notebooks, ca
 
 
 def test_every_attempt_is_timed_and_the_report_gives_the_total(tmp_path, notebooks):
-    from daamlib.runs import NotebookFailed
+    from daamlab.runs import NotebookFailed
 
     flag = tmp_path / "flag"
     preset = write_preset(tmp_path / "p.yaml", notebooks=["a", "b"], notebook_parameters={"b": {"flag": str(flag)}})
@@ -287,7 +287,7 @@ def tiny_study_data():
 
 
 def test_downstream_training_twice_gives_identical_numbers_and_leaves_the_global_rng_alone():
-    from daamlib.experiments.downstream import evaluate_segmenter, train_segmenter
+    from daamlab.experiments.downstream import evaluate_segmenter, train_segmenter
 
     images, labels = tiny_study_data()
     torch.manual_seed(123)

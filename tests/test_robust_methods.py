@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import daamlib
-from daamlib.methods.resize import resize
+from daamlib.layout import resize
 
 PROMPT = "a car and a tree in an urban environment"
 

@@ -5,9 +5,9 @@ import numpy as np
 
 import daamlib
 from daamlib.models import toy_model_dir
-from daamlib.toyworld import labels as L
-from daamlib.toyworld.annotator import annotate, dataset_iou
-from daamlib.toyworld.dataset import HELD_OUT_FIRST_SEED, render_scene_set
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.annotator import annotate, dataset_iou
+from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, render_scene_set
 
 
 def test_the_embedded_model_loads_offline_and_generates_with_a_record(monkeypatch):

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from daamlib.toyworld import labels as L
-from daamlib.toyworld.captions import caption, thesis_prompt
-from daamlib.toyworld.render import render_scene
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.captions import caption, thesis_prompt
+from daamlab.toyworld.render import render_scene
 
 SEEDS = range(40)
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from daamlib.models import load_pipeline
-from daamlib.toyworld import labels as L
-from daamlib.toyworld import train as T
-from daamlib.toyworld.annotator import Annotator
-from daamlib.toyworld.architecture import ToyArchitecture
-from daamlib.toyworld.dataset import reduce_scene
-from daamlib.toyworld.render import Scene
+from daamlab.toyworld import labels as L
+from daamlab.toyworld import train as T
+from daamlab.toyworld.annotator import Annotator
+from daamlab.toyworld.architecture import ToyArchitecture
+from daamlab.toyworld.dataset import reduce_scene
+from daamlab.toyworld.render import Scene
 
 TINY = ToyArchitecture(image_size=32, vae_channels=(16, 16), unet_channels=(16, 32, 32), text_hidden_size=32)
 

@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..methods.resize import check_upsample_mode, resize, unflatten_positions
+from ..layout import check_upsample_mode, resize, unflatten_positions
 from ..record import LayerMeta, Record, RecordMeta
 from ..tokens import PromptTokens
 from .layers import AttentionLayer, layer_resolution

@@ -17,12 +17,6 @@ if TYPE_CHECKING:
     from .trace import Trace
 
 
-def split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
-    """[batch, positions, heads*head_dim] -> [batch, heads, positions, head_dim]."""
-    batch, positions, inner = projected.shape
-    return projected.view(batch, positions, heads, inner // heads).transpose(1, 2)
-
-
 class CaptureProcessor:
     """Wraps a layer's original processor and reports the layer's inputs to the trace."""
 

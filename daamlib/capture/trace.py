@@ -16,7 +16,8 @@ from ..modules import execution_device, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import CaptureOptions, ContextKeys, GenerationState
 from .layers import AttentionLayer, attention_layers, select_layers
-from .processor import CaptureProcessor, split_heads
+from ..layout import split_heads
+from .processor import CaptureProcessor
 
 
 class Trace:

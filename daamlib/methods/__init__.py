@@ -3,6 +3,9 @@
 from .daam import daam, daam_02_layers, token_maps
 from .linear import linear, linear_maps
 from .openvocab import openvocab, openvocab_maps
-from .resize import resize
+from ..layout import resize
+from .protocol import DAAM, Attribution, HeatmapMethod, LinearDAAM, OpenVocabulary, OptimizedToken, vector_maps
 
-__all__ = ["daam", "daam_02_layers", "token_maps", "linear", "linear_maps", "openvocab", "openvocab_maps", "resize"]
+__all__ = [
+    "Attribution", "HeatmapMethod", "DAAM", "OpenVocabulary", "LinearDAAM", "OptimizedToken", "vector_maps",
+   "daam", "daam_02_layers", "token_maps", "linear", "linear_maps", "openvocab", "openvocab_maps", "resize"]

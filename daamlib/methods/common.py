@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..record import LayerMeta, Record
-from .resize import resize, unflatten_positions
+from ..layout import resize, unflatten_positions
 
 
 def check_record(record: Record, function: str = "this method") -> None:

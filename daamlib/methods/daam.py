@@ -8,7 +8,7 @@ import torch
 
 from ..record import LayerMeta, Record
 from .common import check_record, check_token_index, chosen_layers, select_steps, sum_upsampled, word_indices
-from .resize import check_upsample_mode, resize, unflatten_positions
+from ..layout import check_upsample_mode, resize, unflatten_positions
 
 Mode = Literal["thesis", "daam-0.2"]
 MODES = ("thesis", "daam-0.2")

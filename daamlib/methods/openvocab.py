@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..capture.processor import split_heads
+from ..layout import split_heads
 from ..modules import check_same_model, project
 from ..record import Record
 from ..text import TextEncoder

@@ -14,11 +14,11 @@ from typing import Sequence
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..generation import generate
-from ..methods import openvocab
-from ..optimize import OptimizedTokens, optimize_tokens
-from .dataset import ThesisDataset
-from .evaluation import Curves, class_curves, heatmap_method
+from daamlib.generation import generate
+from daamlib.methods import OpenVocabulary, OptimizedToken
+from daamlib.optimize import OptimizedTokens, optimize_tokens
+from daamlab.experiments.dataset import ThesisDataset
+from daamlab.experiments.evaluation import Curves, class_curves
 
 
 @dataclass
@@ -95,21 +95,16 @@ def run_optimization_study(
             rerun = _rerun_with_tokens(dataset, pipe, study.tokens, train_sizes, generation_kwargs)
         for size in train_sizes:
             if variant == "softmax":
-                study.curves[(variant, size)] = class_curves(dataset, _context_map(_context_name(size)),
-                                                             records=lambda row: rerun[row["name"]])
+                object_token = OpenVocabulary(context=_context_name(size), token=0)  # keys: object, background
+                study.curves[(variant, size)] = class_curves(dataset, object_token, records=lambda row: rerun[row["name"]])
             else:
                 chosen = {name: study.tokens[(variant, size, name)] for name in dataset.classes}
-                study.curves[(variant, size)] = class_curves(dataset, heatmap_method("optimized", chosen, pipe))
+                study.curves[(variant, size)] = class_curves(dataset, OptimizedToken.by_init_word(chosen, pipe))
     return study
 
 
 def _context_name(size: int) -> str:
     return f"softmax-{size}"
-
-
-def _context_map(name: str):
-    """The object token's softmax map from a re-run context (keys: object, background)."""
-    return lambda record, row: openvocab(record, name)[0]
 
 
 def _regenerate(pipe, row, generation_kwargs: dict, **trace_kwargs):

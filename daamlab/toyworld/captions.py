@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import labels as L
-from .render import Scene
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.render import Scene
 
 THESIS_TEMPLATE = "a {object} in an urban environment"
 PARAPHRASES = (

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..methods import daam
-from ..metrics import iou_curve, thresholds
-from ..record import Record
+from daamlib.methods import daam
+from daamlib.metrics import iou_curve, thresholds
+from daamlib.record import Record
 
 ALL = "all"
 

@@ -9,15 +9,11 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..methods import daam, linear
-from ..metrics import iou_curve, summarize, thresholds
-from ..optimize import OptimizedTokens, heatmaps
-from ..record import Record
-from .dataset import ThesisDataset
-
-HeatmapFn = Callable[[Record, pd.Series], torch.Tensor]  # (record, manifest row) -> [H, W]
+from daamlib.methods import HeatmapMethod
+from daamlib.metrics import iou_curve, summarize, thresholds
+from daamlib.record import Record
+from daamlab.experiments.dataset import ThesisDataset
 
 
 @dataclass
@@ -54,36 +50,16 @@ class Curves:
             return cls({name: data[f"iou/{name}"] for name in seeds}, seeds)
 
 
-def heatmap_method(name: str, tokens: dict[str, OptimizedTokens] | None = None, pipe=None) -> HeatmapFn:
-    """A heatmap function by name: "daam", "linear", or "optimized" (``tokens`` per class).
-
-    Optimized tokens use the linear matrix (linear variant) or the query cache (softmax variant).
-    """
-    if name == "daam":
-        return lambda record, row: daam(record, row["word"])
-    if name == "linear":
-        return lambda record, row: linear(record, row["word"])
-    if name == "optimized":
-        if not tokens:
-            raise ValueError("method 'optimized' needs tokens={class_name: OptimizedTokens}")
-
-        def optimized(record: Record, row) -> torch.Tensor:
-            found = tokens[row["class_name"]]
-            return heatmaps(record, found.vectors, found.variant, pipe)[0]
-
-        return optimized
-    raise ValueError(f"unknown method {name!r}; use 'daam', 'linear' or 'optimized'")
-
-
-def class_curves(dataset: ThesisDataset, method: HeatmapFn, taus: np.ndarray | None = None,
+def class_curves(dataset: ThesisDataset, method: HeatmapMethod, taus: np.ndarray | None = None,
                  records: Callable[[pd.Series], Record] | None = None) -> Curves:
-    """IoU(τ) of every image of every class. ``records`` overrides how a row's record is loaded."""
+    """IoU(τ) of every image of every class for the class word's map by ``method``.
+    ``records`` overrides how a row's record is loaded."""
     taus = thresholds() if taus is None else taus
     load = records or dataset.record
     iou, seeds = {}, {}
     for class_name in dataset.classes:
         rows = dataset.rows(class_name)
-        iou[class_name] = np.stack([iou_curve(method(load(row), row), dataset.mask(row), taus) for _, row in rows.iterrows()])
+        iou[class_name] = np.stack([iou_curve(method.attribute(load(row), row["word"]).heatmap, dataset.mask(row), taus) for _, row in rows.iterrows()])
         seeds[class_name] = [int(seed) for seed in rows["seed"]]
     return Curves(iou, seeds)
 

@@ -1,7 +1,7 @@
 """Reviewing proposed ground-truth masks, one sample at a time: accept, reject, or add points.
 
 The thesis annotated its images with SAM and corrected them by hand. ``MaskReview`` does the same
-over a :class:`~daamlib.experiments.ThesisDataset`: each sample starts from the prompt its class
+over a :class:`~daamlab.experiments.ThesisDataset`: each sample starts from the prompt its class
 word's DAAM heatmap gives (a box around D >= τ·max D and a positive point at the maximum); added
 object / background points re-prompt the segmenter. Decisions are saved as they are made
 (accepted masks as the dataset's mask PNGs, every decision in ``mask_review.json``), so closing
@@ -22,9 +22,9 @@ from typing import Callable, Literal
 import numpy as np
 from PIL import Image
 
-from .io import save_png, write_json
-from .methods import daam
-from .sam import heatmap_prompt
+from daamlib.io import save_png, write_json
+from daamlib.methods import daam
+from daamlib.sam import heatmap_prompt
 
 Status = Literal["pending", "accepted", "rejected"]
 # (image uint8 [H, W, 3], box [x0, y0, x1, y1], points [k, 2] as (x, y), labels [k] 1/0) -> bool [H, W]
@@ -189,3 +189,16 @@ class MaskReview:
         counts = self.counts
         self.status.value = (f"<b>{self.name}</b> ({self.index + 1}/{len(self.names)}): {self.decision.status}; "
                              f"{counts['accepted']} accepted, {counts['rejected']} rejected, {counts['pending']} pending")
+
+
+def sam_masks(dataset, segmenter, tau: float = 0.4) -> dict[str, np.ndarray]:
+    """Propose a mask per sample from its class word's DAAM map and write it as the dataset's mask
+    (no review; see :class:`MaskReview` for that)."""
+    proposals = {}
+    for _, row in dataset.manifest.iterrows():
+        image = dataset.image(row)
+        box, points = heatmap_prompt(daam(dataset.record(row), row["word"]), image.shape, tau)
+        mask = segmenter(image, box, points, np.ones(len(points), int))
+        save_png(np.uint8(mask) * 255, dataset.directory / row["mask"])
+        proposals[row["name"]] = mask
+    return proposals

@@ -1,7 +1,7 @@
 """Train the toy urban world's text-to-image model and its annotator from scratch.
 
-    python -m daamlib.toyworld.train                  # all stages, defaults below
-    python -m daamlib.toyworld.train --stages unet    # one stage (earlier stages' outputs must exist)
+    python -m daamlab.toyworld.train                  # all stages, defaults below
+    python -m daamlab.toyworld.train --stages unet    # one stage (earlier stages' outputs must exist)
 
 Stages, in order: ``data`` (render the training and held-out scenes), ``vae`` (the autoencoder),
 ``annotator`` (the ground-truth segmenter, trained on renders and on their VAE reconstructions),
@@ -29,10 +29,11 @@ from safetensors.torch import load_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from ..io import save_safetensors, write_json
-from ..models import data_dir, default_device, toy_model_dir
-from .annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
-from .architecture import (
+from daamlib.io import save_safetensors, write_json
+from daamlab import data_dir
+from daamlib.models import default_device, toy_model_dir
+from daamlab.toyworld.annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
+from daamlab.toyworld.architecture import (
     ToyArchitecture,
     build_text_encoder,
     build_unet,
@@ -40,8 +41,8 @@ from .architecture import (
     inference_scheduler,
     training_scheduler,
 )
-from .dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
-from .tokenizer import build_clip_tokenizer
+from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
+from daamlib.testing import build_clip_tokenizer
 
 STAGES = ("data", "vae", "annotator", "unet")
 

@@ -1,9 +1,9 @@
 """Sharded, resumable generation of labelled datasets: image + record + labels + metadata per sample.
 
-    python -m daamlib.datagen prompts.yaml --out runs/city [--model DIR_OR_ID] [--shard 0/2]
-    accelerate launch --num_processes 4 -m daamlib.datagen prompts.yaml --out runs/city
+    python -m daamlab.datagen prompts.yaml --out runs/city [--model DIR_OR_ID] [--shard 0/2]
+    accelerate launch --num_processes 4 -m daamlab.datagen prompts.yaml --out runs/city
 
-Samples are the (prompt, seed) pairs of a prompt set (``daamlib.prompts``), numbered in order;
+Samples are the (prompt, seed) pairs of a prompt set (``daamlab.prompts``), numbered in order;
 shard i of n takes the indices i, i + n, i + 2n, ... (under ``accelerate launch`` the shard comes
 from ``RANK``/``WORLD_SIZE`` and each process uses ``cuda:LOCAL_RANK`` when CUDA is present). Each
 sample is a folder ``samples/<index>`` whose ``meta.json`` is written last, so a folder without it is
@@ -35,9 +35,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .generation import generate
-from .io import atomic_path, save_png, write_json
-from .labels import (
+from daamlib.generation import generate
+from daamlib.io import atomic_path, save_png, write_json
+from daamlib.labels import (
     BACKGROUND,
     UNCERTAIN,
     LabelledImage,
@@ -48,8 +48,8 @@ from .labels import (
     write_semantic_png,
     write_yolo,
 )
-from .methods import daam
-from .prompts import PromptSet
+from daamlib.methods import daam
+from daamlab.prompts import PromptSet
 
 MANIFEST_COLUMNS = ["index", "prompt", "seed", "attributes", "words", "image", "record", "labels"]
 FINGERPRINT_FILE = "fingerprint.json"
@@ -177,11 +177,11 @@ def model_identity(model: str | os.PathLike | None) -> str:
     Checks a directory before anything loads: a path that does not exist (and is no hub id ``org/name``)
     or a directory without ``model_index.json`` is an error."""
     if model is None:
-        from .models import toy_model_dir
+        from daamlib.models import toy_model_dir
 
         if not (toy_model_dir() / "model_index.json").exists():
             raise FileNotFoundError(f"the embedded toy model is missing at {toy_model_dir()}; train it with "
-                                    "`python -m daamlib.toyworld.train` or pass --model")
+                                    "`python -m daamlab.toyworld.train` or pass --model")
         return str(toy_model_dir().resolve())
     path = Path(model).expanduser()
     if path.is_dir():
@@ -345,7 +345,7 @@ def merged_manifest(out_dir: str | os.PathLike) -> pd.DataFrame:
     """All shards' manifests, in sample order; duplicated indices are an error."""
     paths = sorted(Path(out_dir).glob("manifest-*.parquet"))
     if not paths:
-        raise FileNotFoundError(f"no manifests in {out_dir}; run daamlib.datagen first")
+        raise FileNotFoundError(f"no manifests in {out_dir}; run daamlab.datagen first")
     frame = pd.concat([pd.read_parquet(path) for path in paths]).sort_values("index").reset_index(drop=True)
     duplicated = frame["index"][frame["index"].duplicated()].tolist()
     if duplicated:
@@ -386,7 +386,7 @@ def export_labels(out_dir: str | os.PathLike, formats: Sequence[str] = ("coco", 
     out_dir = Path(out_dir)
     fingerprint_path = out_dir / FINGERPRINT_FILE
     if not fingerprint_path.exists():
-        raise FileNotFoundError(f"no {FINGERPRINT_FILE} in {out_dir}: not a dataset folder; generate it with daamlib.datagen first")
+        raise FileNotFoundError(f"no {FINGERPRINT_FILE} in {out_dir}: not a dataset folder; generate it with daamlab.datagen first")
     num_shards = json.loads(fingerprint_path.read_text())["num_shards"]
     unfinished = unfinished_shards(out_dir, num_shards)
     if unfinished:
@@ -441,7 +441,7 @@ def main(argv=None) -> None:
         check_fingerprint(args.out, dataset_fingerprint(prompt_set, settings, model, count, trace_kwargs))
     except (ValueError, KeyError, FileNotFoundError) as error:
         parser.error(str(error))
-    from .models import load_pipeline
+    from daamlib.models import load_pipeline
 
     pipe = load_pipeline(None if args.model is None else model, task=settings.task, device=device, progress_bar=False)
     generate_dataset(pipe, prompt_set, args.out, settings, shard, count, model=model, **trace_kwargs)

@@ -1,4 +1,5 @@
-"""Spatial resizing of maps whose last two dimensions are (height, width)."""
+"""Tensor layouts shared by capture and methods: attention heads split off the channels, flattened
+positions back to a grid, and spatial resizing of maps whose last two dimensions are (height, width)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,9 @@ def unflatten_positions(maps: torch.Tensor, resolution: tuple[int, int]) -> torc
         )
     moved = maps.movedim(-1, -2)  # [..., channels, h*w]
     return moved.reshape(*moved.shape[:-1], height, width)
+
+
+def split_heads(projected: torch.Tensor, heads: int) -> torch.Tensor:
+    """[batch, positions, heads*head_dim] -> [batch, heads, positions, head_dim]."""
+    batch, positions, inner = projected.shape
+    return projected.view(batch, positions, heads, inner // heads).transpose(1, 2)

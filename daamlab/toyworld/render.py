@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from skimage import draw
 
-from . import labels as L
+from daamlab.toyworld import labels as L
 
 DEFAULT_SIZE = 128
 

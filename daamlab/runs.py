@@ -1,7 +1,7 @@
 """Run the notebook suite headlessly with papermill, from a parameter preset, and write a report.
 
-    python -m daamlib.runs toy-full                       # a new run in papermill_runs/toy-full/<timestamp>/
-    python -m daamlib.runs toy-full --resume <run dir>    # continue a stopped run at its first unfinished notebook
+    python -m daamlab.runs toy-full                       # a new run in papermill_runs/toy-full/<timestamp>/
+    python -m daamlab.runs toy-full --resume <run dir>    # continue a stopped run at its first unfinished notebook
 
 A preset (``papermill_runs/<name>.yaml``) names the notebooks, the parameters they share and
 per-notebook overrides. Each notebook receives ``run_dir`` (where it reads and writes shared
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .io import atomic_path, write_json, write_text
+from daamlib.io import atomic_path, write_json, write_text
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPOSITORY / "notebooks"
@@ -185,7 +185,7 @@ def check_ground_truth(preset: dict, notebook_dir: Path) -> None:
     """01_dataset on a model without an annotator needs mask_dir or sam_checkpoint: fail before running."""
     if "01_dataset" not in preset["notebooks"]:
         return
-    from .experiments.dataset import ground_truth_source
+    from daamlab.experiments.dataset import ground_truth_source
 
     values = {**notebook_defaults(notebook_dir / "01_dataset.ipynb"), **notebook_parameters(preset, "01_dataset", Path("."))}
     ground_truth_source(values.get("model"), values.get("mask_dir"), values.get("sam_checkpoint"))
@@ -208,7 +208,7 @@ def prepare_run_dir(preset: dict, run_dir: Path, resume: bool) -> None:
                          if saved.get(key) != preset.get(key)]
             raise ValueError(f"{run_dir} was made by preset {saved.get('name')!r} ({saved.get('source')}), which differs "
                              f"from {preset['name']!r} ({preset['source']}) in {differing}; resume it with its own preset "
-                             f"(`python -m daamlib.runs {saved.get('source')} --resume {run_dir}`) or start a new run "
+                             f"(`python -m daamlab.runs {saved.get('source')} --resume {run_dir}`) or start a new run "
                              "without --resume")
         return
     if resume or (run_dir.is_dir() and any(run_dir.iterdir())):
@@ -283,7 +283,7 @@ def run_preset(preset_name: str, run_dir: Path | None = None, progress: bool = T
             raise NotebookFailed(
                 f"notebook {notebook} failed in cell {error.exec_count}: {error.ename}: {error.evalue}\n"
                 f"The executed notebook with the traceback is {output}. Fix the cause, then resume with\n"
-                f"    python -m daamlib.runs {preset['source']} --resume {run_dir}"
+                f"    python -m daamlab.runs {preset['source']} --resume {run_dir}"
             ) from None
         attempts = record_attempt(run_dir, notebook, time.perf_counter() - started, "ok")
         results_path = run_dir / "results" / f"{notebook}.json"

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..labels import heatmap_to_mask
-from ..methods import daam
-from ..metrics import iou, pooled_iou
-from ..pcc import PCCConfig, pcc_segment
+from daamlib.labels import heatmap_to_mask
+from daamlib.methods import daam
+from daamlib.metrics import iou, pooled_iou
+from daamlib.pcc import PCCConfig, pcc_segment
 
 SINGLE_CLUSTER = PCCConfig(cluster_counts=(1,))
 

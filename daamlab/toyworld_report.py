@@ -1,6 +1,6 @@
 """Measure the shipped toy model and write ``docs/toyworld.md`` with its figures.
 
-    python -m daamlib.toyworld.report [--seeds 50] [--dataset-dir DIR]
+    python -m daamlab.toyworld_report [--seeds 50] [--dataset-dir DIR]
 
 It builds the thesis dataset on the toy model (4 classes × seeds, PNDM 30 steps), labels it with
 the annotator, and measures prompt fidelity, DAAM's max mIoU per class, and where each class
@@ -19,13 +19,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..experiments import build_dataset, class_curves, heatmap_method, prompt_fidelity
-from ..experiments.dataset import ThesisDataset, annotate_toy_dataset
-from ..models import data_dir, load_pipeline, toy_model_dir
-from ..plotting import examples_grid, heatmap_at_image
-from ..methods import daam
-from . import labels as L
-from .annotator import Annotator
+from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
+from daamlab.experiments.dataset import ThesisDataset, annotate_toy_dataset
+from daamlab import data_dir
+from daamlib.models import load_pipeline, toy_model_dir
+from daamlib.plotting import examples_grid, heatmap_at_image
+from daamlib.methods import DAAM, daam
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.annotator import Annotator
 
 THESIS_SD2_MAX_MIOU = {"car": 82.5, "person": 36.2, "traffic light": 71.1, "rider": 31.0, "All": 53.2}
 
@@ -50,7 +51,7 @@ def examples_figure(dataset: ThesisDataset, path: Path, per_class: int = 3) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure = examples_grid(dataset, {"DAAM": heatmap_method("daam")}, per_class=per_class)
+    figure = examples_grid(dataset, {"DAAM": DAAM()}, per_class=per_class)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -62,7 +63,7 @@ def measure(seeds: int, dataset_dir: Path, figure_path: Path) -> dict:
     annotator = Annotator.from_pretrained(toy_model_dir() / "annotator")
     shares = annotate_toy_dataset(dataset, annotator)
     fidelity = prompt_fidelity(shares)
-    table = class_curves(dataset, heatmap_method("daam")).summary()
+    table = class_curves(dataset, DAAM()).summary()
     mass = attention_mass_by_label(dataset)
     examples_figure(dataset, figure_path)
     return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares}
@@ -82,8 +83,8 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         "",
         "The embedded default model of daamlib: a Stable Diffusion pipeline (AutoencoderKL, UNet2DConditionModel",
         "with cross-attention at three resolutions plus the mid block, CLIPTextModel, the CLIP BPE tokenizer, PNDM",
-        "at 30 steps) trained from scratch on procedural urban scenes by `python -m daamlib.toyworld.train`,",
-        "and its ground-truth annotator. This page is written by `python -m daamlib.toyworld.report`.",
+        "at 30 steps) trained from scratch on procedural urban scenes by `python -m daamlab.toyworld.train`,",
+        "and its ground-truth annotator. This page is written by `python -m daamlab.toyworld_report`.",
         "",
         "## Model and training",
         "",
@@ -98,7 +99,7 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         f"- Hardware: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, device "
         f"`{training['device']}`, torch {training['torch']}.",
         f"- Training data: {config['num_scenes']} rendered scenes (seeds 0-{config['num_scenes'] - 1}), rendered at twice "
-        "the size and block-averaged; captions from `daamlib.toyworld.captions` (10 % dropped for guidance).",
+        "the size and block-averaged; captions from `daamlab.toyworld.captions` (10 % dropped for guidance).",
         "",
         "| stage | steps | batch | minutes | final loss |",
         "|---|---|---|---|---|",

@@ -24,19 +24,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..labels import UNCERTAIN, heatmap_to_mask
-from ..metrics import pooled_iou
-from ..toyworld import labels as L
-from ..toyworld.annotator import SegmentationNet, images_to_tensor, seeded_segmentation_net
-from ..toyworld.dataset import SceneSet
+from daamlib.labels import UNCERTAIN, heatmap_to_mask
+from daamlib.metrics import pooled_iou
+from daamlib.methods import HeatmapMethod
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.annotator import SegmentationNet, images_to_tensor, seeded_segmentation_net
+from daamlab.toyworld.dataset import SceneSet
 
-def masks_from_heatmaps(dataset, heatmap: Callable, tau: float = 0.4) -> np.ndarray:
-    """Pseudo-labels [N, H, W] from a heatmap method ``heatmap(record, row)``: D >= τ·max D is the prompt's class."""
+def masks_from_heatmaps(dataset, method: HeatmapMethod, tau: float = 0.4) -> np.ndarray:
+    """Pseudo-labels [N, H, W] from a heatmap method: D >= τ·max D of the class word is the prompt's class."""
     classes = dataset.classes
     labels = []
     for _, row in dataset.manifest.iterrows():
         record = dataset.record(row)
-        mask = heatmap_to_mask(heatmap(record, row), record.image_size, "fixed", tau)
+        mask = heatmap_to_mask(method.attribute(record, row["word"]).heatmap, record.image_size, "fixed", tau)
         labels.append(np.where(mask, 1 + classes.index(row["class_name"]), 0).astype(np.uint8))
     return np.stack(labels)
 

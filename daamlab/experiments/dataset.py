@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,11 +28,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..generation import generate
-from ..io import atomic_path, save_png
-from ..record import Record, load_record
-from ..toyworld.captions import thesis_prompt
-from ..toyworld.labels import CLASS_WORD
+from daamlib.generation import generate
+from daamlib.io import atomic_path, save_png
+from daamlib.record import Record, load_record
+from daamlab.toyworld.captions import thesis_prompt
+from daamlab.toyworld.labels import CLASS_WORD
 
 SAMPLE_COLUMNS = ["name", "class_name", "word", "seed", "prompt", "record", "image", "mask"]
 
@@ -49,7 +49,7 @@ def ground_truth_source(model, mask_dir=None, sam_checkpoint=None) -> str:
     """Where a dataset's ground truth comes from: "masks" (``mask_dir``), "annotator" (a toy-world model's
     own), or "sam" (``sam_checkpoint``). Checks the paths; no source at all is a ValueError, raised
     before anything is generated."""
-    from ..toyworld.annotator import find_annotator
+    from daamlab.toyworld.annotator import find_annotator
 
     if mask_dir is not None:
         if not Path(mask_dir).is_dir():
@@ -84,7 +84,7 @@ class ThesisDataset:
         directory = Path(directory)
         path = directory / "manifest.parquet"
         if not path.exists():
-            raise FileNotFoundError(f"no dataset at {directory}: build it with daamlib.experiments.build_dataset")
+            raise FileNotFoundError(f"no dataset at {directory}: build it with daamlab.experiments.build_dataset")
         return cls(directory, pd.read_parquet(path))
 
     @property
@@ -147,26 +147,29 @@ def build_dataset(
     num_inference_steps: int = 30,
     guidance_scale: float = 7.5,
     prompt: Callable[[str], str] = thesis_prompt,
+    class_words: Mapping[str, str] = CLASS_WORD,
     record_dtype: torch.dtype = torch.float16,
     progress: bool = True,
     **trace_kwargs,
 ) -> ThesisDataset:
     """Generate one image per (class, seed) under a trace and save everything; resumes.
 
-    ``trace_kwargs`` choose what each record keeps (default: DAAM sums and the linear matrix,
-    as the thesis' DAAM and Linear DAAM experiments need).
+    ``class_words`` names the word attributed for each class (default: the thesis' four classes, which
+    the toy world renders); ``prompt`` makes a class's prompt. ``trace_kwargs`` choose what each record
+    keeps (default: DAAM sums and the linear matrix, as the thesis' DAAM and Linear DAAM experiments need).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     trace_kwargs = {"daam": True, "linear": True, **trace_kwargs}
-    unknown = [name for name in classes if name not in CLASS_WORD]
+    unknown = [name for name in classes if name not in class_words]
     if unknown:
-        raise ValueError(f"no attribution word for classes {unknown}; known classes: {sorted(CLASS_WORD)}")
+        raise ValueError(f"no attribution word for classes {unknown}; pass class_words={{class: word}} "
+                         f"(known here: {sorted(class_words)})")
     rows = []
     jobs = [(name, int(seed)) for name in classes for seed in seeds]
     for class_name, seed in tqdm(jobs, desc="dataset", disable=not progress):
         name = sample_name(class_name, seed)
-        row = {"name": name, "class_name": class_name, "word": CLASS_WORD[class_name], "seed": seed,
+        row = {"name": name, "class_name": class_name, "word": class_words[class_name], "seed": seed,
                "prompt": prompt(class_name), "record": f"records/{name}.safetensors", "image": f"images/{name}.png",
                "mask": f"masks/{name}.png"}
         if not ((directory / row["record"]).exists() and (directory / row["image"]).exists()):
@@ -184,7 +187,7 @@ def annotate_toy_dataset(dataset: ThesisDataset, annotator) -> pd.DataFrame:
     """Ground truth for a toy-model dataset: the annotator's labels, one class mask per sample.
 
     Returns the per-sample share of pixels the annotator gives the class (prompt fidelity)."""
-    from ..toyworld import labels as L
+    from daamlab.toyworld import labels as L
 
     shares = []
     for _, row in dataset.manifest.iterrows():

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..io import atomic_path
-from . import labels as L
-from .captions import caption
-from .render import Scene, render_scene
+from daamlib.io import atomic_path
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.captions import caption
+from daamlab.toyworld.render import Scene, render_scene
 
 RENDER_FACTOR = 2
 HELD_OUT_FIRST_SEED = 1_000_000  # evaluation scenes never share a seed with training scenes

@@ -166,7 +166,7 @@ class PromptSet:
     def load(cls, path: str | Path) -> "PromptSet":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no prompt-set file at {path}; pass a YAML or JSON file (see daamlib.prompts)")
+            raise FileNotFoundError(f"no prompt-set file at {path}; pass a YAML or JSON file (see daamlab.prompts)")
         text = path.read_text()
         try:
             config = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from ..metrics import pooled_iou
-from . import labels as L
+from daamlib.metrics import pooled_iou
+from daamlab.toyworld import labels as L
 
 LABEL_IDS = tuple(sorted(L.NAMES))  # network output channel c predicts train id LABEL_IDS[c]
 WEIGHTS_NAME = "annotator.safetensors"
@@ -106,7 +106,7 @@ class Annotator:
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).exists():
             raise FileNotFoundError(
-                f"no annotator in {directory}; train it with `python -m daamlib.toyworld.train --stages annotator`"
+                f"no annotator in {directory}; train it with `python -m daamlab.toyworld.train --stages annotator`"
             )
         config = json.loads((directory / CONFIG_NAME).read_text())
         net = SegmentationNet(tuple(config["channels"]), len(config["label_ids"]))
@@ -134,7 +134,7 @@ class Annotator:
 
 def annotate(images, model_dir: str | Path | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """Label generated toy-world images: train ids uint8 [N, H, W]. ``model_dir`` defaults to the toy model's."""
-    from ..models import toy_model_dir
+    from daamlib.models import toy_model_dir
 
     directory = Path(model_dir) if model_dir is not None else toy_model_dir()
     return Annotator.from_pretrained(directory / "annotator", device)(images)
@@ -147,7 +147,7 @@ def dataset_iou(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 def find_annotator(model: str | Path | None) -> Path | None:
     """The annotator shipped beside a toy-world model (``None`` = the embedded one), or ``None``."""
-    from ..models import toy_model_dir
+    from daamlib.models import toy_model_dir
 
     directory = toy_model_dir() if model is None else Path(model)
     candidate = directory / "annotator"

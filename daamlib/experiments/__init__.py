@@ -1,7 +1,0 @@
-"""The thesis' experiments as library calls: the dataset, per-class evaluation, layer/step analysis."""
-
-from .dataset import SAMPLE_COLUMNS, ThesisDataset, build_dataset, sample_name
-from .evaluation import Curves, class_curves, heatmap_method, prompt_fidelity
-
-__all__ = ["SAMPLE_COLUMNS", "ThesisDataset", "build_dataset", "sample_name", "Curves", "class_curves", "heatmap_method",
-           "prompt_fidelity"]
