@@ -1,14 +1,17 @@
 """The heatmap browser, driven programmatically: what it shows equals the library's own maps."""
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from daamlib import daam, generate, linear, openvocab
 from daamlib.metrics import to_mask_resolution
 from daamlib.optimize import OptimizedTokens
 from daamlib.testing import tiny_random_pipeline
-from daamlib.widgets import HeatmapBrowser
+from daamlib.widgets import HeatmapBrowser, default_token
 
 pytest.importorskip("ipywidgets")
 
@@ -72,9 +75,44 @@ def test_optimized_tokens_and_clear_errors(records, pipe):
     browser = HeatmapBrowser(records, pipe=pipe, tokens=tokens)
     browser.method.value = "optimized"
     torch.testing.assert_close(browser.current_heatmap, linear(records[0], vector[0]))
-    shown = browser.current_heatmap
-    browser.method.value = "linear"  # no phrase typed: the display keeps the last map and says why
-    assert "type a phrase" in browser.message.value and browser.current_heatmap is shown
+    shown_before = browser.overlay_view.value
+    browser.method.value = "linear"  # no phrase typed: the message says why and the old image is gone
+    assert "type a phrase" in browser.message.value and browser.current_heatmap is None
+    assert browser.overlay_view.value != shown_before
+    for view in (browser.overlay_view, browser.mask_view):
+        blank = np.asarray(Image.open(io.BytesIO(view.value)))
+        assert (blank == blank.flat[0]).all()  # one flat grey: nothing that could pass for a map
+    browser.text.value = "tree"  # a valid request shows a map again and clears the message
+    assert browser.message.value == "" and browser.current_heatmap is not None
     with pytest.raises(ValueError, match="need their images"):
         records_without_image = [type(records[0])(meta=records[0].meta, daam=records[0].daam)]
         HeatmapBrowser(records_without_image)
+
+
+def test_opens_on_the_object_word_not_the_article(records, pipe):
+    browser = HeatmapBrowser(records, pipe=pipe)
+    assert browser.token.value == records[0].tokens.token_indices("car")[0]
+    browser.record_select.value = 1  # "a rider on a bicycle"
+    assert browser.token.value == records[1].tokens.token_indices("rider")[0]
+    assert default_token(records[1].tokens) == records[1].tokens.token_indices("rider")[0]
+
+
+def test_overlay_scale_matches_the_threshold_and_the_mask(records, pipe):
+    """The overlay shows D / max D; the mask is on exactly where that value reaches τ."""
+    from daamlib.widgets import scaled
+
+    browser = HeatmapBrowser(records, pipe=pipe)
+    for tau in (0.0, 0.4, 0.75, 1.0):
+        browser.threshold.value = tau
+        upsampled = to_mask_resolution(browser.current_heatmap, browser.record.image.shape[:2])
+        shown = scaled(upsampled).numpy()
+        assert shown.max() == pytest.approx(1.0) and shown.min() >= 0
+        on, off = shown[browser.current_mask], shown[~browser.current_mask]
+        assert (on >= tau - 1e-6).all() and (off < tau + 1e-6).all()
+    assert "D / max D" in browser.scale_label.value
+
+
+def test_layer_selector_is_wide_enough_for_full_names(records, pipe):
+    browser = HeatmapBrowser(records, pipe=pipe)
+    longest = max(len(layer.name) for layer in records[0].cross_layers)
+    assert f"{longest + 4}ch" in browser.layers.layout.width
