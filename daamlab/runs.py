@@ -13,6 +13,14 @@ notebooks' ``parameters`` cells, and path parameters (``model`` when it is a dir
 ``sam_checkpoint``), which are resolved against the directory the command was run from (the
 notebooks themselves run in ``notebooks/``) and must exist. ``--resume`` needs a run directory made
 by the same preset. Every attempt at a notebook is timed (``attempts.json``); the report gives the total.
+
+A clean run prints progress, not noise: every notebook's cells carry ids (nbformat 4.5, so no
+``MissingIDFieldWarning``), and the kernels are started with CurveZMQ transport encryption when the
+kernelspec declares it (ipykernel's does), so ipykernel does not warn that it runs over TCP in plain
+text. The runner writes executed notebooks (``.ipynb``) and ``report.md`` with PNG figures, and no
+HTML: ``jupyter nbconvert --to html`` pages load require.js and the widget manager from public CDNs,
+so offline their widget areas are blank. Open the executed notebooks in JupyterLab instead
+(``jupyter lab <run dir>``); the report and its figures need nothing from the network.
 """
 
 from __future__ import annotations
@@ -246,6 +254,18 @@ def _stamp_metadata(output: Path, results: dict, attempts: list[dict]) -> None:
         nbformat.write(notebook, temporary)
 
 
+def kernel_config():
+    """Kernel-manager settings for papermill: CurveZMQ transport encryption where the kernelspec declares
+    it (``auto`` falls back to plain TCP for one that does not); nothing where pyzmq lacks CurveZMQ."""
+    import zmq
+    from traitlets.config import Config
+
+    config = Config()
+    if zmq.has("curve"):
+        config.KernelManager.transport_encryption = "auto"
+    return config
+
+
 def run_preset(preset_name: str, run_dir: Path | None = None, progress: bool = True, kernel_name: str = "python3", *,
                resume: bool = False, notebook_dir: str | os.PathLike = NOTEBOOK_DIR,
                cwd: str | os.PathLike | None = None) -> Path:
@@ -276,7 +296,7 @@ def run_preset(preset_name: str, run_dir: Path | None = None, progress: bool = T
         try:
             papermill.execute_notebook(
                 notebook_dir / f"{notebook}.ipynb", output, parameters=notebook_parameters(resolved, notebook, run_dir),
-                kernel_name=kernel_name, progress_bar=progress, cwd=notebook_dir,
+                kernel_name=kernel_name, progress_bar=progress, cwd=notebook_dir, config=kernel_config(),
             )
         except papermill.PapermillExecutionError as error:
             record_attempt(run_dir, notebook, time.perf_counter() - started, "failed")
