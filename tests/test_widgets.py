@@ -116,3 +116,41 @@ def test_layer_selector_is_wide_enough_for_full_names(records, pipe):
     browser = HeatmapBrowser(records, pipe=pipe)
     longest = max(len(layer.name) for layer in records[0].cross_layers)
     assert f"{longest + 4}ch" in browser.layers.layout.width
+
+
+@pytest.fixture(scope="module")
+def generated(pipe, tmp_path_factory):
+    from daamlab.datagen import GenerationSettings, generate_dataset
+    from daamlab.prompts import PromptSet
+
+    prompts = PromptSet.from_dict({"seeds_per_prompt": 1, "templates": [
+        {"template": "a {object} in an urban environment", "words": ["object"], "attributes": {"object": ["car", "tree"]}}]})
+    out_dir = tmp_path_factory.mktemp("generated")
+    settings = GenerationSettings(num_inference_steps=2).validate()
+    generate_dataset(pipe, prompts, out_dir, settings, progress=False)
+    return out_dir
+
+
+def test_dataset_browser_steps_through_samples(generated):
+    from daamlab.dataset_browser import DatasetBrowser
+
+    browser = DatasetBrowser(generated, display_size=64)
+    assert len(browser) == 2
+    views = browser.views()
+    assert list(views) == ["image", "labels", "DAAM: car"] and not browser.errors
+    widget = browser.widget
+    first = [tile.children[1].value for tile in browser.gallery.children]
+    assert len(first) == 3 and all(value[:4] == b"\x89PNG" for value in first)
+    assert "a car in an urban environment" in browser.title.value
+    browser.next_button.click()
+    assert browser.index == 1 and browser.position.value == 1 and browser.slider.value == 1
+    assert "tree" in browser.title.value
+    assert [tile.children[1].value for tile in browser.gallery.children] != first
+    browser.next_button.click()  # stays on the last sample
+    assert browser.index == 1
+    browser.position.value = 0  # typing a number moves too
+    assert browser.index == 0 and "car" in browser.title.value
+    browser.previous_button.click()
+    assert browser.index == 0 and widget is browser.widget
+    with pytest.raises(FileNotFoundError, match="no finished samples"):
+        DatasetBrowser(generated / "samples" / "000000")
