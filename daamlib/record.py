@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,76 @@ class RecordMeta:
         return cls(**data)
 
 
+# -- what a record can hold: declared once ---------------------------------------------------------
+Keying = Literal["layer", "layer_step", "phrase_layer", "single"]
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """One kind of tensor a record holds: its field, how it is keyed, its shape, how it is stored."""
+
+    name: str  # the Record field, and the prefix of its tensors in the file
+    keying: Keying  # {layer: t}, {(layer, step): t}, {phrase: {layer: t}} or one tensor
+    shape: str  # per entry (hw = h_l * w_l of the layer, n = text tokens, d = d_text, H x W = latent)
+    meaning: str
+    float32_on_load: bool = False  # converted once when loaded (read on every query)
+
+
+RECORD_KINDS = (
+    RecordKind("daam", "layer", "[hw, n]", "softmax attention summed over steps and heads"),
+    RecordKind("daam_heads", "layer", "[heads, hw, n]", "summed over steps only"),
+    RecordKind("daam_steps", "layer", "[steps, hw, n]", "summed over heads only"),
+    RecordKind("queries", "layer_step", "[hw, heads*head_dim]", "W_q h for open-vocabulary maps"),
+    RecordKind("linear_matrix", "single", "[H*W, d]", "M = sum_l up((sum_t Q_t,l) W_k^l)", float32_on_load=True),
+    RecordKind("linear_bias", "single", "[H*W]", "the same for the key bias (zero in SD)"),
+    RecordKind("text_embeddings", "single", "[n, d]", "the conditioning X of the traced branch"),
+    RecordKind("contexts", "phrase_layer", "[hw, m]", "re-run open-vocabulary sums over the phrase's m keys"),
+    RecordKind("self_attention", "layer", "[heads, hw, head_dim]", "last-step per-head self-attention output"),
+)
+_KINDS_BY_NAME = {kind.name: kind for kind in RECORD_KINDS}
+
+
+def _map_tensors(kind: RecordKind, value, function):
+    """Apply ``function`` to every tensor of one kind's value, keeping its keying."""
+    if kind.keying == "single":
+        return None if value is None else function(value)
+    if kind.keying == "phrase_layer":
+        return {phrase: {layer: function(t) for layer, t in maps.items()} for phrase, maps in value.items()}
+    return {key: function(t) for key, t in value.items()}
+
+
+def _file_entries(kind: RecordKind, value, phrases: list[str]) -> dict[str, torch.Tensor]:
+    """A kind's tensors under their file names: ``kind``, ``kind/layer``, ``kind/layer/step``, ``kind/<phrase index>/layer``."""
+    if kind.keying == "single":
+        return {} if value is None else {kind.name: value}
+    if kind.keying == "layer":
+        return {f"{kind.name}/{layer}": t for layer, t in value.items()}
+    if kind.keying == "layer_step":
+        return {f"{kind.name}/{layer}/{step}": t for (layer, step), t in value.items()}
+    return {f"{kind.name}/{phrases.index(phrase)}/{layer}": t for phrase, maps in value.items() for layer, t in maps.items()}
+
+
+def _place_entry(record: "Record", name: str, tensor: torch.Tensor) -> None:
+    """Put one file entry back where ``_file_entries`` took it from."""
+    prefix, _, rest = name.partition("/")
+    kind = _KINDS_BY_NAME.get(prefix)
+    if kind is None:
+        raise ValueError(f"the file holds a tensor {name!r} of a kind this daamlib does not know "
+                         f"({sorted(_KINDS_BY_NAME)}); it may come from a newer daamlib: upgrade to read it")
+    tensor = tensor.float() if kind.float32_on_load else tensor
+    store = getattr(record, kind.name)
+    if kind.keying == "single":
+        setattr(record, kind.name, tensor)
+    elif kind.keying == "layer":
+        store[rest] = tensor
+    elif kind.keying == "layer_step":
+        layer, _, step = rest.rpartition("/")
+        store[(layer, int(step))] = tensor
+    else:
+        index, _, layer = rest.partition("/")
+        store.setdefault(list(record.meta.contexts)[int(index)], {})[layer] = tensor
+
+
 @dataclass
 class Record:
     """The capture of one generated image.
@@ -93,17 +164,12 @@ class Record:
     Maps live on the CPU in float32; the query cache stays where the trace recorded it (the
     pipeline's device unless ``query_device="cpu"``). ``to(device)`` moves every tensor.
 
-    Shapes (hw = h_l * w_l of the layer, n = text tokens, d = d_text, H x W = latent):
-      daam[layer]            [hw, n]          softmax attention summed over steps and heads
-      daam_heads[layer]      [heads, hw, n]   summed over steps only
-      daam_steps[layer]      [steps, hw, n]   summed over heads only
-      queries[(layer, step)] [hw, heads*head_dim]  W_q h for open-vocabulary maps
-      linear_matrix          [H*W, d]         M = sum_l up((sum_t Q_t,l) W_k^l)
-      linear_bias            [H*W]            the same for the key bias (zero in SD)
-      text_embeddings        [n, d]           the conditioning X of the traced branch
-      contexts[phrase][layer] [hw, m]         re-run open-vocabulary sums over the phrase's m keys
-      self_attention[layer]  [heads, hw, head_dim]  last-step per-head self-attention output
-      image                  [height, width, 3] uint8, when the generator stored it
+    What it holds is declared once in ``RECORD_KINDS`` (field, keying, shape, meaning); the fields
+    below follow it, and so do ``save``, ``load_record`` and ``to``. Shapes per entry:
+      daam[layer] [hw, n]; daam_heads[layer] [heads, hw, n]; daam_steps[layer] [steps, hw, n];
+      queries[(layer, step)] [hw, inner]; linear_matrix [H*W, d]; linear_bias [H*W];
+      text_embeddings [n, d]; contexts[phrase][layer] [hw, m]; self_attention[layer] [heads, hw, head_dim];
+      image [height, width, 3] uint8, when the generator stored it.
     """
 
     meta: RecordMeta
@@ -156,18 +222,8 @@ class Record:
 
     def to(self, device: str | torch.device) -> "Record":
         """A copy with every tensor on ``device`` (e.g. the query cache uploaded once before optimizing)."""
-        def move(store: dict) -> dict:
-            return {key: value.to(device) for key, value in store.items()}
-
-        def maybe(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            return None if tensor is None else tensor.to(device)
-
-        return replace(
-            self, daam=move(self.daam), daam_heads=move(self.daam_heads), daam_steps=move(self.daam_steps),
-            queries=move(self.queries), linear_matrix=maybe(self.linear_matrix), linear_bias=maybe(self.linear_bias),
-            text_embeddings=maybe(self.text_embeddings), contexts={p: move(m) for p, m in self.contexts.items()},
-            self_attention=move(self.self_attention),
-        )
+        moved = {kind.name: _map_tensors(kind, getattr(self, kind.name), lambda t: t.to(device)) for kind in RECORD_KINDS}
+        return replace(self, **moved)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
@@ -189,19 +245,8 @@ class Record:
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         named: dict[str, torch.Tensor] = {}
-        named.update({f"daam/{k}": v for k, v in self.daam.items()})
-        named.update({f"daam_heads/{k}": v for k, v in self.daam_heads.items()})
-        named.update({f"daam_steps/{k}": v for k, v in self.daam_steps.items()})
-        named.update({f"queries/{layer}/{step}": v for (layer, step), v in self.queries.items()})
-        named.update({f"self_attention/{k}": v for k, v in self.self_attention.items()})
-        for index, (phrase, maps) in enumerate(self.contexts.items()):
-            named.update({f"contexts/{index}/{layer}": v for layer, v in maps.items()})
-        if self.linear_matrix is not None:
-            named["linear_matrix"] = self.linear_matrix
-        if self.linear_bias is not None:
-            named["linear_bias"] = self.linear_bias
-        if self.text_embeddings is not None:
-            named["text_embeddings"] = self.text_embeddings
+        for kind in RECORD_KINDS:
+            named.update(_file_entries(kind, getattr(self, kind.name), list(self.meta.contexts)))
         return named
 
 
@@ -250,27 +295,9 @@ def load_record(path: str | os.PathLike) -> Record:
             "regenerate it with the same seed"
         ) from error
     record = Record(meta=meta)
-    context_names = list(meta.contexts)
     for name, tensor in tensors.items():
-        kind, _, rest = name.partition("/")
-        if kind == "daam":
-            record.daam[rest] = tensor
-        elif kind == "daam_heads":
-            record.daam_heads[rest] = tensor
-        elif kind == "daam_steps":
-            record.daam_steps[rest] = tensor
-        elif kind == "queries":
-            layer, _, step = rest.rpartition("/")
-            record.queries[(layer, int(step))] = tensor
-        elif kind == "self_attention":
-            record.self_attention[rest] = tensor
-        elif kind == "contexts":
-            index, _, layer = rest.partition("/")
-            record.contexts.setdefault(context_names[int(index)], {})[layer] = tensor
-        elif kind == "image":
+        if name == "image":
             record.image = tensor.numpy()
-        elif kind == "linear_matrix":  # queried by a mat-vec per word: convert once, not on every query
-            record.linear_matrix = tensor.float()
         else:
-            setattr(record, kind, tensor)
+            _place_entry(record, name, tensor)
     return record

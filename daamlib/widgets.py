@@ -123,6 +123,8 @@ class HeatmapBrowser:
         self.scale_label = w.HTML()
         self.mask_view = w.Image(format="png")
         self.mask_view.add_class("daamlib-mask")
+        for name in ("record_select", "method", "token", "text", "optimized", "threshold", "layers", "steps", "message"):
+            getattr(self, name).add_class(f"daamlib-{name.replace('_', '-')}")  # stable hooks for styling and browser tests
         self._refresh_record_controls()
         for control in (self.method, self.token, self.text, self.optimized, self.threshold, self.layers, self.steps):
             control.observe(self._on_change, names="value")

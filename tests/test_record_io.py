@@ -52,7 +52,7 @@ def test_corrupt_or_foreign_files_raise_a_clear_error(tmp_path, record):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(2)}, tmp_path / "foreign.safetensors")
-    with pytest.raises(ValueError, match="not a readable daamlib record"):
+    with pytest.raises(ValueError, match="is a safetensors file but not a daamlib record"):
         daamlib.load_record(tmp_path / "foreign.safetensors")
     with pytest.raises(FileNotFoundError):
         daamlib.load_record(tmp_path / "missing.safetensors")
@@ -62,3 +62,25 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, record):
     record.save(tmp_path / "a")
     record.save(tmp_path / "a")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_a_file_with_a_kind_this_version_does_not_know_is_refused(tmp_path, record):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = record.save(tmp_path / "record")
+    with safe_open(path, framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = handle.metadata()
+    save_file({**tensors, "attention_rollout/x": torch.zeros(2)}, tmp_path / "newer.safetensors", metadata)
+    with pytest.raises(ValueError, match="a kind this daamlib does not know"):
+        daamlib.load_record(tmp_path / "newer.safetensors")
+
+
+def test_record_kinds_declare_every_tensor_field():
+    from dataclasses import fields
+
+    from daamlib.record import RECORD_KINDS
+
+    tensor_fields = {f.name for f in fields(daamlib.Record)} - {"meta", "image"}
+    assert {kind.name for kind in RECORD_KINDS} == tensor_fields

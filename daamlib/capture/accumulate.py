@@ -8,50 +8,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..layout import check_upsample_mode, resize, unflatten_positions
+from ..layout import resize, unflatten_positions
 from ..record import LayerMeta, Record, RecordMeta
 from ..tokens import PromptTokens
 from .layers import AttentionLayer, layer_resolution
-
-
-@dataclass(frozen=True)
-class CaptureOptions:
-    """What a trace records. Everything is summed at native resolution in float32."""
-
-    daam: bool = True  # softmax maps summed over steps and heads
-    per_head: bool = False  # ... kept per head (needed by mode="daam-0.2")
-    per_step: bool = False  # ... kept per step (layer x timestep analysis)
-    queries: bool = False  # query cache for open-vocabulary maps
-    query_layers: tuple[str, ...] | None = None  # None: every traced cross-attention layer
-    query_steps: tuple[int, ...] | None = None  # None: every step
-    query_dtype: torch.dtype = torch.float16
-    query_device: str | None = None  # None: where the UNet computes; "cpu": pinned host memory
-    linear: bool = False  # the collapsed linear-DAAM matrix
-    self_attention: bool = False  # last-step per-head self-attention output in the up blocks
-    upsample: str = "bilinear"  # interpolation used to collapse the linear matrix
-    branch: str = "cond"  # which half of classifier-free guidance to trace
-
-    def __post_init__(self) -> None:
-        check_upsample_mode(self.upsample)
-        if self.branch not in ("cond", "uncond"):
-            raise ValueError(f"branch must be 'cond' or 'uncond', not {self.branch!r}")
-        if self.query_device not in (None, "cpu"):
-            raise ValueError(f"query_device must be None (where the UNet computes) or 'cpu', not {self.query_device!r}")
-        if self.query_steps is not None and (
-            not self.query_steps
-            or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in self.query_steps)
-        ):
-            raise ValueError(f"query_steps must be a non-empty list of step indices (0 = first step), not {list(self.query_steps)!r}; "
-                             "None caches every step")
-        if not self.query_dtype.is_floating_point:
-            raise ValueError(f"query_dtype must be a floating dtype such as torch.float16, not {self.query_dtype}")
-
-    def wants_queries(self, layer: str, step: int) -> bool:
-        return (
-            self.queries
-            and (self.query_layers is None or layer in self.query_layers)
-            and (self.query_steps is None or step in self.query_steps)
-        )
+from .options import TraceOptions
 
 
 @dataclass
@@ -69,7 +30,7 @@ class GenerationState:
     Tensors stay on the device the UNet computes on; nothing is read back until ``to_records``.
     """
 
-    options: CaptureOptions
+    options: TraceOptions
     num_images: int
     latent_size: tuple[int, int]
     prompt_ids: torch.Tensor | None  # [prompts, n] token ids of the traced branch, None for embeddings
@@ -239,7 +200,7 @@ def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None
         store[name] = value.clone()
 
 
-def _cached(flat_queries: torch.Tensor, options: CaptureOptions) -> torch.Tensor:
+def _cached(flat_queries: torch.Tensor, options: TraceOptions) -> torch.Tensor:
     """A query-cache entry [N, hw, inner]: kept on the UNet's device, or copied into pinned host memory
     without waiting (the copy lands before ``to_records`` reads it)."""
     if options.query_device is None or not flat_queries.is_cuda:

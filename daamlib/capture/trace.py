@@ -14,7 +14,8 @@ import torch
 
 from ..modules import execution_device, linear_parameters, model_fingerprint
 from ..record import Record
-from .accumulate import CaptureOptions, ContextKeys, GenerationState
+from .accumulate import ContextKeys, GenerationState
+from .options import TraceOptions
 from .layers import AttentionLayer, attention_layers, select_layers
 from ..layout import split_heads
 from .processor import CaptureProcessor
@@ -28,12 +29,12 @@ class Trace:
     generation on CUDA never waits for the host.
     """
 
-    def __init__(self, pipe, options: CaptureOptions, layers: list[AttentionLayer], cfg: bool | None,
+    def __init__(self, pipe, options: TraceOptions, layers: list[AttentionLayer],
                  contexts: dict[str, ContextKeys], fingerprint: dict) -> None:
         self.pipe = pipe
         self.options = options
         self.layers = layers
-        self.cfg = cfg
+        self.cfg = options.cfg
         self.contexts = contexts
         self.fingerprint = fingerprint
         self._records: list[Record] = []
@@ -201,12 +202,6 @@ class Trace:
         return self._current
 
 
-def _step_tuple(steps) -> tuple:
-    if isinstance(steps, (str, int)):
-        raise TypeError(f"query_steps is a list of step indices; wrap one step: query_steps=[{steps!r}]")
-    return tuple(int(step) if hasattr(step, "__index__") and not isinstance(step, bool) else step for step in steps)
-
-
 def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) -> None:
     if hidden_states.ndim != 3:
         raise ValueError(f"{layer.name} got hidden states of shape {tuple(hidden_states.shape)}; "
@@ -231,8 +226,6 @@ def _image_size(pipe, latent_size: tuple[int, int]) -> tuple[int, int] | None:
 def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], include_padding: bool) -> dict[str, ContextKeys]:
     from ..text import TextEncoder
 
-    if isinstance(phrases, str):
-        raise ValueError(f"contexts must be a list of phrases, not the string {phrases!r}; pass contexts=[{phrases!r}]")
     if isinstance(phrases, Mapping):  # named conditioning vectors, e.g. optimized tokens
         contexts = {}
         for name, vectors in phrases.items():
@@ -257,62 +250,26 @@ def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], 
 
 
 @contextmanager
-def trace(
-    pipe,
-    *,
-    layers: Sequence[str] | None = None,
-    daam: bool = True,
-    per_head: bool = False,
-    per_step: bool = False,
-    queries: bool = False,
-    query_layers: Sequence[str] | None = None,
-    query_steps: Sequence[int] | None = None,
-    query_dtype: torch.dtype = torch.float16,
-    query_device: str | None = None,
-    linear: bool = False,
-    self_attention: bool = False,
-    contexts: Sequence[str] | Mapping[str, torch.Tensor] = (),
-    context_padding: bool = False,
-    upsample: str = "bilinear",
-    branch: str = "cond",
-    cfg: bool | None = None,
-) -> Iterator[Trace]:
+def trace(pipe, options: TraceOptions | None = None, **fields) -> Iterator[Trace]:
     """Capture attention during every pipeline call inside the ``with`` block.
 
-    Args:
-        layers: cross-attention layers to trace (module paths); ``None`` for all of them.
-        daam, per_head, per_step: record softmax maps summed over steps and heads, and optionally
-            kept per head (for ``mode="daam-0.2"``) or per step (layer x timestep analysis).
-        queries, query_layers, query_steps, query_dtype, query_device: cache W_q h for
-            open-vocabulary maps of any phrase later. ``query_device=None`` keeps the cache where
-            the UNet computes (no copies, no waiting); ``"cpu"`` streams it into pinned host memory
-            with non-blocking copies (for caches larger than the GPU's free memory).
-        linear: record the collapsed linear-DAAM matrix (memory independent of the step count).
-        self_attention: record last-step per-head self-attention outputs of the up blocks (PCC).
-        contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path), or
-            named conditioning vectors {name: [m, d_text]} such as optimized tokens;
-            ``context_padding`` also attaches their padding tokens.
-        upsample: "bilinear" or "bicubic", used to collapse the linear matrix.
-        branch: "cond" (default) or "uncond" half of classifier-free guidance.
-        cfg: override the pipeline's own ``do_classifier_free_guidance``.
+    What is recorded is a :class:`TraceOptions`, passed whole or as its fields
+    (``trace(pipe, per_head=True, queries=True)``); see its docstring for each field.
     """
-    options = CaptureOptions(
-        daam=daam, per_head=per_head, per_step=per_step, queries=queries,
-        query_layers=None if query_layers is None else tuple(query_layers),
-        query_steps=None if query_steps is None else _step_tuple(query_steps),
-        query_dtype=query_dtype, query_device=query_device, linear=linear,
-        self_attention=self_attention, upsample=upsample, branch=branch,
-    )
-    if not (daam or queries or linear or self_attention or contexts):
-        raise ValueError("nothing to record: enable daam, queries, linear or self_attention, or pass contexts")
+    if options is not None and fields:
+        raise TypeError("pass either options= or option fields, not both (use dataclasses.replace(options, ...))")
+    unknown = sorted(set(fields) - TraceOptions.field_names())
+    if unknown:
+        raise TypeError(f"unknown trace options {unknown}; choose from {sorted(TraceOptions.field_names())}")
+    options = options if options is not None else TraceOptions(**fields)
     unet = pipe.unet
-    cross_layers = select_layers(attention_layers(unet, "cross"), layers)
-    if query_layers is not None:
-        select_layers(cross_layers, query_layers)  # validates the names
-    self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if self_attention else []
+    cross_layers = select_layers(attention_layers(unet, "cross"), options.layers)
+    if options.query_layers is not None:
+        select_layers(cross_layers, options.query_layers)  # validates the names
+    self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
     traced = cross_layers + self_layers
-    context_keys = _encode_contexts(pipe, contexts, context_padding) if contexts else {}
-    tr = Trace(pipe, options, traced, cfg, context_keys, model_fingerprint(pipe))
+    context_keys = _encode_contexts(pipe, options.contexts, options.context_padding) if options.contexts else {}
+    tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe))
 
     originals = unet.attn_processors
     processors = dict(originals)
