@@ -1,6 +1,6 @@
 """Bad and edge inputs of the heatmap methods (daam, token_maps, resize): each fails with a message
 that says what was wrong and what to do, or gives the right number (issue 13, "No silent wrong answers").
-docs/robustness_methods.md lists them."""
+docs/robustness.md (section 3) lists them."""
 
 import copy
 
