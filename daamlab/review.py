@@ -7,7 +7,7 @@ object / background points re-prompt the segmenter. Decisions are saved as they 
 (accepted masks as the dataset's mask PNGs, every decision in ``mask_review.json``), so closing
 the notebook loses nothing and reopening resumes at the first undecided sample.
 
-    from daamlib.sam import SamSegmenter, load_sam
+    from daamlab.sam import SamSegmenter, load_sam
     review = MaskReview(dataset, SamSegmenter(load_sam("sam_vit_b_01ec64.pth")))  # model type read from the checkpoint
     review.widget                     # display in JupyterLab
 """
@@ -24,7 +24,7 @@ from PIL import Image
 
 from daamlib.io import save_png, write_json
 from daamlib.methods import daam
-from daamlib.sam import heatmap_prompt
+from daamlab.sam import heatmap_prompt
 
 Status = Literal["pending", "accepted", "rejected"]
 # (image uint8 [H, W, 3], box [x0, y0, x1, y1], points [k, 2] as (x, y), labels [k] 1/0) -> bool [H, W]

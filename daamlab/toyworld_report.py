@@ -23,7 +23,7 @@ from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
 from daamlab.experiments.dataset import ThesisDataset, annotate_toy_dataset
 from daamlab import data_dir
 from daamlib.models import load_pipeline, toy_model_dir
-from daamlib.plotting import examples_grid, heatmap_at_image
+from daamlab.plotting import examples_grid, heatmap_at_image
 from daamlib.methods import DAAM, daam
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import Annotator

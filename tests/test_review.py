@@ -10,7 +10,7 @@ from PIL import Image
 from daamlib import daam
 from daamlab.experiments import build_dataset
 from daamlab.review import DECISIONS_FILE, MaskReview
-from daamlib.sam import SamSegmenter, heatmap_prompt
+from daamlab.sam import SamSegmenter, heatmap_prompt
 from daamlab.review import sam_masks
 from pipelines import tiny_pipeline
 

@@ -238,13 +238,13 @@ def fake_sam_state(embed_dim, depth):
 
 @pytest.mark.parametrize("embed_dim, depth, expected", [(768, 12, "vit_b"), (1024, 24, "vit_l"), (1280, 32, "vit_h")])
 def test_sam_model_type_is_read_from_the_image_encoder(embed_dim, depth, expected):
-    from daamlib.sam import sam_model_type
+    from daamlab.sam import sam_model_type
 
     assert sam_model_type(fake_sam_state(embed_dim, depth)) == expected
 
 
 def test_sam_model_type_errors():
-    from daamlib.sam import sam_model_type
+    from daamlab.sam import sam_model_type
 
     with pytest.raises(ValueError, match="embed dim 768, depth 24"):
         sam_model_type(fake_sam_state(768, 24))
@@ -256,7 +256,7 @@ def test_a_vit_b_checkpoint_loads_and_the_segmenter_takes_a_device(tmp_path):
     pytest.importorskip("segment_anything")
     from segment_anything import sam_model_registry
 
-    from daamlib.sam import SamSegmenter, load_sam
+    from daamlab.sam import SamSegmenter, load_sam
 
     torch.manual_seed(0)
     reference = sam_model_registry["vit_b"]()

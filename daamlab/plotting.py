@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .metrics import curve_bands, normalize, thresholds, to_mask_resolution
+from daamlib.metrics import curve_bands, normalize, thresholds, to_mask_resolution
 
 
 def heatmap_at_image(heatmap: torch.Tensor, image_shape: Sequence[int]) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import binarize, to_mask_resolution
+from daamlib.metrics import binarize, to_mask_resolution
 
 
 # image-encoder (embed dim, depth) of each SAM release model
