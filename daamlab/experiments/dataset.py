@@ -72,6 +72,11 @@ def _looks_local(model) -> bool:
     return model is None or Path(model).is_dir()
 
 
+def label_ids(classes: Sequence[str]) -> dict[str, int]:
+    """The one label rule of every label map in the experiments: background 0, then 1 + each class's index."""
+    return {"background": 0, **{name: 1 + index for index, name in enumerate(classes)}}
+
+
 @dataclass
 class ThesisDataset:
     """A built dataset directory and its manifest."""
@@ -90,6 +95,10 @@ class ThesisDataset:
     @property
     def classes(self) -> list[str]:
         return list(dict.fromkeys(self.manifest["class_name"]))
+
+    @property
+    def label_ids(self) -> dict[str, int]:
+        return label_ids(self.classes)
 
     def rows(self, class_name: str | None = None) -> pd.DataFrame:
         if class_name is None:

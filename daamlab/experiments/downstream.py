@@ -27,26 +27,27 @@ from tqdm.auto import tqdm
 from daamlib.labels import UNCERTAIN, heatmap_to_mask
 from daamlib.metrics import pooled_iou
 from daamlib.methods import HeatmapMethod
+from daamlab.experiments.dataset import label_ids
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import SegmentationNet, images_to_tensor, seeded_segmentation_net
 from daamlab.toyworld.dataset import SceneSet
 
 def masks_from_heatmaps(dataset, method: HeatmapMethod, tau: float = 0.4) -> np.ndarray:
     """Pseudo-labels [N, H, W] from a heatmap method: D >= τ·max D of the class word is the prompt's class."""
-    classes = dataset.classes
     labels = []
     for _, row in dataset.manifest.iterrows():
         record = dataset.record(row)
         mask = heatmap_to_mask(method.attribute(record, row["word"]).heatmap, record.image_size, "fixed", tau)
-        labels.append(np.where(mask, 1 + classes.index(row["class_name"]), 0).astype(np.uint8))
+        labels.append(np.where(mask, dataset.label_ids[row["class_name"]], 0).astype(np.uint8))
     return np.stack(labels)
 
 
 def scene_labels(scenes: SceneSet, classes: Sequence[str]) -> np.ndarray:
     """Exact labels of rendered scenes in the study's label space [N, H, W] (other train ids → background)."""
     labels = np.zeros(scenes.labels.shape, np.uint8)
-    for index, name in enumerate(classes):
-        labels[scenes.labels == L.IDS[name]] = 1 + index
+    for name, label in label_ids(classes).items():
+        if name != "background":
+            labels[scenes.labels == L.IDS[name]] = label
     return labels
 
 
@@ -83,7 +84,7 @@ def train_segmenter(images: np.ndarray, labels: np.ndarray, num_labels: int, ste
 def evaluate_segmenter(net: SegmentationNet, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
     """IoU per class pooled over the evaluation set (0..1), and their mean under "mean"."""
     predicted = torch.cat([net(batch).argmax(dim=1) for batch in images_to_tensor(images).split(64)]).numpy()
-    scores = pooled_iou(predicted, labels, {name: 1 + index for index, name in enumerate(classes)})
+    scores = pooled_iou(predicted, labels, {name: label for name, label in label_ids(classes).items() if name != "background"})
     scores["mean"] = float(np.nanmean([scores[name] for name in classes]))
     return scores
 

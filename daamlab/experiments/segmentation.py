@@ -28,8 +28,8 @@ SINGLE_CLUSTER = PCCConfig(cluster_counts=(1,))
 
 
 def class_label(dataset, row) -> int:
-    """The label id of a sample's class: 1 + its index in ``dataset.classes`` (0 is the background)."""
-    return 1 + dataset.classes.index(row["class_name"])
+    """The label id of a sample's class (``dataset.label_ids``)."""
+    return dataset.label_ids[row["class_name"]]
 
 
 def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = True) -> np.ndarray:
@@ -62,7 +62,7 @@ def baseline_labels(dataset, tau: float = 0.4) -> dict[str, np.ndarray]:
 def semantic_scores(dataset, predictions: dict[str, np.ndarray]) -> pd.DataFrame:
     """Pooled IoU (%) per label and their mean "mIoU"; rows = methods, columns = background, classes, mIoU."""
     truth = truth_labels(dataset)
-    label_ids = {"background": 0, **{name: 1 + index for index, name in enumerate(dataset.classes)}}
+    label_ids = dataset.label_ids
     rows = {}
     for method, predicted in predictions.items():
         scores = pooled_iou(predicted, truth, label_ids)
