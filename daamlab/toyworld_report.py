@@ -21,6 +21,7 @@ import torch
 
 from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
 from daamlab.experiments.dataset import ThesisDataset, annotate_toy_dataset
+from daamlab.experiments.thesis_numbers import MAX_MIOU
 from daamlab import data_dir
 from daamlib.models import load_pipeline, toy_model_dir
 from daamlab.plotting import examples_grid, heatmap_at_image
@@ -28,7 +29,7 @@ from daamlib.methods import DAAM, daam
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import Annotator
 
-THESIS_SD2_MAX_MIOU = {"car": 82.5, "person": 36.2, "traffic light": 71.1, "rider": 31.0, "All": 53.2}
+THESIS_SD2_MAX_MIOU = MAX_MIOU[("DAAM", "not optimized")].to_dict()  # Table 4.2, one source
 
 
 def attention_mass_by_label(dataset: ThesisDataset) -> pd.DataFrame:
