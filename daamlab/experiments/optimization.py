@@ -43,6 +43,16 @@ class OptimizationStudy:
         return pd.DataFrame({key: tokens.history for key, tokens in self.tokens.items()})
 
 
+def token_path(tokens_dir: str | Path, variant: str, size: int, class_name: str) -> Path:
+    """Where the study keeps the tokens of one (variant, train size, class)."""
+    return Path(tokens_dir) / f"{variant}-{size}-{class_name.replace(' ', '_')}.safetensors"
+
+
+def load_study_tokens(tokens_dir: str | Path, variant: str, size: int, classes: Sequence[str]) -> dict[str, OptimizedTokens]:
+    """The study's tokens of one variant and train size, by class."""
+    return {name: OptimizedTokens.load(token_path(tokens_dir, variant, size, name)) for name in classes}
+
+
 def _train_seeds(dataset: ThesisDataset, size: int) -> dict[str, set[int]]:
     return {name: set(int(s) for s in dataset.rows(name)["seed"].iloc[:size]) for name in dataset.classes}
 
@@ -73,9 +83,9 @@ def run_optimization_study(
             rows = dataset.rows(class_name)
             query_records = None
             for size in train_sizes:
-                path = None if tokens_dir is None else Path(tokens_dir) / f"{variant}-{size}-{class_name.replace(' ', '_')}"
-                if path is not None and path.with_suffix(".safetensors").exists():
-                    study.tokens[(variant, size, class_name)] = OptimizedTokens.load(path.with_suffix(".safetensors"))
+                path = None if tokens_dir is None else token_path(tokens_dir, variant, size, class_name)
+                if path is not None and path.exists():
+                    study.tokens[(variant, size, class_name)] = OptimizedTokens.load(path)
                     continue
                 train_rows = rows.iloc[:size]
                 if variant == "softmax":  # the query cache of the training images, re-generated
