@@ -131,8 +131,9 @@ class HeatmapBrowser:
         self.record_select.observe(self._on_record, names="value")
         controls = w.VBox([self.record_select, self.method, self.token, self.text, self.optimized, self.threshold,
                            self.layers, self.steps, self.message], layout=w.Layout(flex="0 0 auto"))
+        self.scale_label.layout = w.Layout(max_width=f"{max(display_size, 256)}px")
         views = w.VBox([w.HTML(f"overlay: {SCALE_LABEL}"), self.overlay_view, self.colorbar_view, self.scale_label,
-                        self.mask_view])
+                        self.mask_view], layout=w.Layout(align_items="flex-start"))  # images at their own size
         self.widget = w.HBox([controls, views], layout=w.Layout(flex_flow="row wrap"))
         self.current_heatmap: torch.Tensor | None = None
         self.current_mask: np.ndarray | None = None
