@@ -117,8 +117,8 @@ class GenerationState:
 
         Maps go to the CPU in float32; the query cache stays where it was recorded.
         """
-        if any(t.is_cuda for t in self.queries.values()):
-            torch.cuda.synchronize()  # the non-blocking copies into pinned host memory have landed
+        if self.text_embeddings.is_cuda:
+            torch.cuda.synchronize(self.text_embeddings.device)  # non-blocking copies into pinned host memory have landed
         linear_matrix, linear_bias = self._collapse_linear(key_parameters)
         tokens = self._image_tokens(tokenizer)
         timesteps = [float(t) for t in self.timesteps]
