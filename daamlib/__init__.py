@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from .attribution import attribute_image
 from .capture import TraceOptions, attention_layers, trace
 from .generation import generate
 from .methods import daam, linear, linear_maps, openvocab, openvocab_maps, resize, token_maps
@@ -13,7 +14,7 @@ from .text import TextEncoder
 from .tokens import EOT, SOT, PromptTokens
 
 __all__ = [
-    "__version__", "trace", "TraceOptions", "attention_layers", "generate", "daam", "token_maps", "linear", "linear_maps",
+    "__version__", "trace", "TraceOptions", "attention_layers", "generate", "attribute_image", "daam", "token_maps", "linear", "linear_maps",
     "openvocab", "openvocab_maps", "resize", "binarize", "iou", "iou_curve", "normalize", "pearson",
     "summarize", "thresholds", "load_pipeline", "OptimizedTokens", "optimize_tokens", "Record",
     "load_record", "TextEncoder", "PromptTokens", "SOT", "EOT",

@@ -30,9 +30,10 @@ class Trace:
     """
 
     def __init__(self, pipe, options: TraceOptions, layers: list[AttentionLayer],
-                 contexts: dict[str, ContextKeys], fingerprint: dict) -> None:
+                 contexts: dict[str, ContextKeys], fingerprint: dict, unet_calls: int | None = None) -> None:
         self.pipe = pipe
         self.options = options
+        self.unet_calls = unet_calls  # set when the caller drives the UNet itself (see trace)
         self.layers = layers
         self.cfg = options.cfg
         self.contexts = contexts
@@ -84,7 +85,8 @@ class Trace:
         return slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
 
     def _uses_cfg(self) -> bool:
-        pipeline_cfg = getattr(self.pipe, "do_classifier_free_guidance", None)
+        # direct UNet calls (unet_calls set, cfg given): the pipeline's flag is stale or missing, so it is not read
+        pipeline_cfg = None if self.unet_calls is not None else getattr(self.pipe, "do_classifier_free_guidance", None)
         if self.cfg is None:
             if pipeline_cfg is None:
                 raise ValueError(
@@ -103,11 +105,8 @@ class Trace:
 
     def _expected_steps(self) -> int | None:
         """How many UNet calls this generation makes (diffusers sets it before its denoising loop)."""
-        steps = getattr(self.pipe, "_num_timesteps", None)
-        if steps is None:
-            timesteps = getattr(self.pipe.scheduler, "timesteps", None)
-            steps = None if timesteps is None else len(timesteps)
-        return steps
+        steps, timesteps = self.unet_calls or getattr(self.pipe, "_num_timesteps", None), getattr(self.pipe.scheduler, "timesteps", None)
+        return steps if steps is not None or timesteps is None else len(timesteps)
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
         calls, self._encoder_ids = self._encoder_ids, []
@@ -198,7 +197,7 @@ class Trace:
 
     def _require_state(self, layer: AttentionLayer) -> GenerationState:
         if self._current is None:
-            raise RuntimeError(f"{layer.name} ran outside a UNet call; trace only wraps pipeline generation")
+            raise RuntimeError(f"{layer.name} ran outside a UNet call; trace only wraps pipeline or UNet calls")
         return self._current
 
 
@@ -250,11 +249,14 @@ def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], 
 
 
 @contextmanager
-def trace(pipe, options: TraceOptions | None = None, **fields) -> Iterator[Trace]:
+def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None = None, **fields) -> Iterator[Trace]:
     """Capture attention during every pipeline call inside the ``with`` block.
 
     What is recorded is a :class:`TraceOptions`, passed whole or as its fields
     (``trace(pipe, per_head=True, queries=True)``); see its docstring for each field.
+    ``unet_calls``: for code that calls ``pipe.unet`` itself (as :func:`daamlib.attribute_image`): how many
+    UNet calls make one record. The pipeline's per-call ``_num_timesteps`` and ``do_classifier_free_guidance``
+    (stale or missing outside its ``__call__``) are then not read, so ``cfg`` must be given too.
     """
     if options is not None and fields:
         raise TypeError("pass either options= or option fields, not both (use dataclasses.replace(options, ...))")
@@ -262,6 +264,9 @@ def trace(pipe, options: TraceOptions | None = None, **fields) -> Iterator[Trace
     if unknown:
         raise TypeError(f"unknown trace options {unknown}; choose from {sorted(TraceOptions.field_names())}")
     options = options if options is not None else TraceOptions(**fields)
+    if unet_calls is not None and (type(unet_calls) is not int or unet_calls < 1 or options.cfg is None):
+        raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
+                         "(whether the batch is [uncond, cond]); the pipeline says so only inside its own call")
     unet = pipe.unet
     cross_layers = select_layers(attention_layers(unet, "cross"), options.layers)
     if options.query_layers is not None:
@@ -269,7 +274,7 @@ def trace(pipe, options: TraceOptions | None = None, **fields) -> Iterator[Trace
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
     traced = cross_layers + self_layers
     context_keys = _encode_contexts(pipe, options.contexts, options.context_padding) if options.contexts else {}
-    tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe))
+    tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe), unet_calls)
 
     originals = unet.attn_processors
     processors = dict(originals)

@@ -1,0 +1,97 @@
+"""``attribute_image``: records of a real image (not generated). The VAE encodes it (the latent mean), one
+seeded noise draw noises it to each timestep (``add_noise`` of the training DDPM schedule, from the scheduler's
+config), the UNet runs once per timestep under a trace; a record sums over them as over a generation's steps."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from .capture import trace
+from .generation import _negatives
+from .modules import execution_device
+from .record import Record
+
+
+def attribute_image(pipe, image, prompt: str | list[str], *, timesteps: int | list[int] | tuple[int, ...] = (500,), seed: int = 0,
+                    negative_prompt: str | list[str] | None = None, guidance_scale: float = 1.0, **trace_fields) -> list[Record]:
+    """One record per image: ``image`` uint8 or float in [0, 1], [H, W, 3] or [N, H, W, 3] (or PIL, or a list),
+    H and W multiples of the VAE factor; ``prompt`` one string or one per image. ``guidance_scale > 1`` batches
+    [negative prompt, prompt] as CFG does (only ``branch="uncond"`` needs it: the conditional half's attention
+    is the same). ``trace_fields``: what to record (:class:`daamlib.TraceOptions`). Records carry the image,
+    prompt, seed and timesteps."""
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
+        raise NotImplementedError(f"attribute_image needs a UNet pipeline with a VAE; {type(pipe).__name__} has none")
+    images = _images(image, getattr(pipe, "vae_scale_factor", 8))  # [N, H, W, 3]
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts) or len(prompts) != len(images):
+        raise ValueError(f"give one non-empty prompt, or one per image ({len(images)}), not {prompt!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (it seeds the noise), not {seed!r}")
+    steps = [timesteps] if isinstance(timesteps, (int, np.integer)) else list(timesteps)
+    last = pipe.scheduler.config.num_train_timesteps - 1
+    if not steps or any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t <= last for t in steps):
+        raise ValueError(f"timesteps must be a non-empty list of integers in the training range 0..{last} (0 = no noise), "
+                         f"not {steps!r}")
+    cfg = float(guidance_scale) > 1
+    if "cfg" in trace_fields or (negative_prompt is not None and not cfg):
+        raise ValueError("attribute_image sets cfg itself: guidance_scale > 1 batches [negative prompt, prompt] (a "
+                         "negative_prompt needs it); pass guidance_scale, not cfg")
+    negatives = None if negative_prompt is None else _negatives(negative_prompt, len(prompts))
+    vae, unet, device = pipe.vae, pipe.unet, execution_device(pipe)
+    if unet.config.in_channels != vae.config.latent_channels:  # an inpainting UNet also takes a mask and a masked image
+        raise NotImplementedError(f"this UNet takes {unet.config.in_channels} channels, not the VAE's "
+                                  f"{vae.config.latent_channels}; use a text-to-image UNet")
+    from diffusers import DDPMScheduler  # here: import daamlib stays light
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed))).to(latents)
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        noisy = [schedule.add_noise(latents, noise, torch.full((len(images),), int(t), device=device)).to(unet.dtype) for t in steps]
+        with trace(pipe, unet_calls=len(steps), cfg=cfg, **trace_fields) as tr:
+            context, added = _conditioning(pipe, prompts, negatives, cfg, device, tuple(images.shape[1:3]))
+            for t, sample in zip(steps, noisy):
+                unet(torch.cat([sample] * 2) if cfg else sample, torch.tensor(int(t), device=device),
+                     encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added)
+    records, shown = tr.records, np.round(images * 255).astype(np.uint8)
+    for index, record in enumerate(records):
+        record.meta = replace(record.meta, seed=int(seed), prompt=prompts[index], image_size=tuple(images.shape[1:3]))
+        record.image = shown[index]
+    return records
+
+
+def _images(image, factor: int) -> np.ndarray:
+    """A new float32 array [N, H, W, 3] in [0, 1] (the caller's array is not changed)."""
+    array = np.stack([np.asarray(i) for i in image]) if isinstance(image, (list, tuple)) else np.asarray(image)
+    array = array[None] if array.ndim == 3 else array
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"an image is [H, W, 3] RGB (or [N, H, W, 3]), not shape {array.shape}; convert it with .convert('RGB')")
+    (height, width), fit = array.shape[1:3], lambda n: n // factor * factor
+    if height % factor or width % factor:
+        raise ValueError(f"the image is {height}x{width}, not a multiple of the VAE factor {factor}; "
+                         f"resize or crop it, e.g. to {fit(height)}x{fit(width)}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255
+    if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+        raise ValueError(f"image values must be uint8 or floats in [0, 1], not {array.dtype} in "
+                         f"[{array.min()}, {array.max()}]; divide 0-255 floats by 255")
+    return array.astype(np.float32)
+
+
+def _conditioning(pipe, prompts, negatives, cfg: bool, device, size):
+    """Text conditioning [batch, n, d] ([uncond x N, cond x N] with CFG, as diffusers batches it) and the UNet's
+    added conditioning (SDXL: pooled text and the size/crop ids of an uncropped image of this size)."""
+    kind = getattr(pipe.unet.config, "addition_embed_type", None)
+    if kind not in (None, "text_time") or "requires_aesthetics_score" in pipe.config:  # SDXL img2img: other time ids
+        raise NotImplementedError(f"attribute_image builds the added conditioning of SDXL's text-to-image pipeline only "
+                                  f"(text_embeds, time_ids); {type(pipe).__name__} with addition_embed_type={kind!r} needs other inputs")
+    both = lambda cond, uncond: torch.cat([uncond, cond]) if cfg else cond  # noqa: E731
+    if kind is None:
+        return both(*pipe.encode_prompt(prompts, device, 1, cfg, negatives)), None
+    cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=cfg,
+                                                             negative_prompt=negatives)
+    ids = pipe._get_add_time_ids(size, (0, 0), size, cond.dtype, pipe.text_encoder_2.config.projection_dim).to(device)
+    return both(cond, uncond), {"text_embeds": both(pooled, uncond_pooled), "time_ids": ids.repeat(len(cond) * (1 + cfg), 1)}
