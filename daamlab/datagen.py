@@ -211,7 +211,7 @@ def shard_samples(samples: list[Sample], shard: int, num_shards: int) -> list[Sa
 
 def _pipe_kwargs(settings: GenerationSettings) -> dict:
     settings.validate()
-    kwargs = {name: value for name, value in (("height", settings.height), ("width", settings.width)) if value is not None}
+    kwargs = {}
     if settings.task in ("img2img", "inpaint"):
         if settings.init_image is None:
             raise ValueError(f"task {settings.task!r} needs init_image (a path)")
@@ -330,7 +330,8 @@ def generate_dataset(pipe, prompt_set: PromptSet, out_dir: str | os.PathLike, se
             continue
         folder.mkdir(parents=True, exist_ok=True)
         (record,) = generate(pipe, sample.prompt, seed=sample.seed, num_inference_steps=settings.num_inference_steps,
-                             guidance_scale=settings.guidance_scale, pipe_kwargs=pipe_kwargs, **trace_kwargs)
+                             guidance_scale=settings.guidance_scale, height=settings.height, width=settings.width,
+                             pipe_kwargs=pipe_kwargs, **trace_kwargs)
         record.save(out_dir / row["record"], dtype=dtype)
         save_png(record.image, out_dir / row["image"])
         write_semantic_png(out_dir / row["labels"], label_map(record, sample.words, record.image.shape, settings))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from daamlab.datagen import (GenerationSettings, check_fingerprint, export_labels, generate_dataset, main, merged_manifest,
                              model_identity, parse_shard, shard_device, wait_for_shards)
@@ -229,3 +230,11 @@ def test_two_launched_ranks_build_disjoint_complete_shards_and_export_once(tmp_p
     coco = json.loads((out / "annotations" / "instances.json").read_text())
     assert [image["file_name"] for image in coco["images"]] == [f"samples/{i:06d}/image.png" for i in range(4)]
     assert not list(out.glob("annotations/.*"))  # no leftover temporary files
+
+
+def test_a_chosen_image_size_reaches_the_pipeline(pipe, tmp_path):
+    settings = GenerationSettings(num_inference_steps=1, height=32, width=48)
+    manifest = generate_dataset(pipe, PromptSet.from_dict(one_template()), tmp_path / "sized", settings, progress=False,
+                                model="tiny")
+    image = np.asarray(Image.open(tmp_path / "sized" / manifest.iloc[0]["image"]))
+    assert image.shape[:2] == (32, 48)
