@@ -75,15 +75,16 @@ def tiny_text_encoder(hidden_size: int = TEXT_DIM) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """Cross-attention at three resolutions plus the mid block; VAE factor 2."""
+def tiny_random_pipeline(seed: int = 0, block_out_channels: tuple[int, ...] = (16, 32, 32),
+                         norm_num_groups: int = 8) -> StableDiffusionPipeline:
+    """Cross-attention at every UNet level (three by default: 1, 1/2, 1/4 of the latent) plus the mid
+    block at the lowest; VAE factor 2."""
     torch.manual_seed(seed)
+    levels = len(block_out_channels)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32, 32),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=8,
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=block_out_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
+        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=norm_num_groups,
     )
     vae = AutoencoderKL(
         block_out_channels=(16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,

@@ -1,10 +1,9 @@
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
 import daamlib
 from daamlib.methods.daam import daam_02_layers
-from daamlib.testing import TEXT_DIM, clip_tokenizer, tiny_text_encoder
+from daamlib.testing import tiny_random_pipeline
 from naive import daam02_hooked_layers, naive_daam, naive_daam02, naive_linear, record_everything
 
 PROMPT = "a car and a tree in an urban environment"
@@ -77,23 +76,7 @@ def test_openvocab_context_without_padding_is_a_distribution_over_its_tokens(pip
 def five_level_pipeline():
     """A tiny random SD pipeline with cross-attention at 1, 1/2, 1/4, 1/8, 1/16 of the latent: the mid
     block sits at 1/16, so it is not among the 1/8 layers daam 0.2.0 skips."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8,) * 5,
-        down_block_types=("CrossAttnDownBlock2D",) * 5, up_block_types=("CrossAttnUpBlock2D",) * 5,
-        cross_attention_dim=TEXT_DIM, attention_head_dim=2, norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=tiny_text_encoder(), tokenizer=clip_tokenizer(), unet=unet,
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_random_pipeline(block_out_channels=(8,) * 5, norm_num_groups=4)
 
 
 def test_daam_02_mode_reproduces_the_original_package(pipe):
