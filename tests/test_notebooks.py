@@ -142,3 +142,20 @@ def test_downstream_study_records_every_source(run_dir):
         per_class = [scores[c] for c in ("car", "person", "traffic light", "rider") if scores[c] == scores[c]]  # NaN: class absent
         assert all(0 <= value <= 100 for value in per_class)
         assert scores["mean"] == pytest.approx(np.mean(per_class))
+
+
+def test_rendered_scene_scores_equal_a_direct_per_threshold_computation(run_dir):
+    from daamlab.experiments.rendered import load_attributions, scene_class, scene_mask
+    from daamlab.toyworld.labels import CLASS_WORD
+
+    recorded = results(run_dir, "10_rendered_scenes")
+    scenes, records = load_attributions(run_dir / "rendered")
+    assert recorded["scenes"] == len(records) == 8 and [r.meta.timesteps for r in records] == [[300.0]] * 8
+    per_class = {}
+    for index, record in enumerate(records):
+        mask = scene_mask(scenes, index)
+        heatmap = to_mask_resolution(daam(record, CLASS_WORD[scene_class(scenes, index)]), mask.shape)
+        per_class.setdefault(scene_class(scenes, index), []).append([iou(binarize(heatmap, tau), mask) for tau in thresholds()])
+    for class_name, per_image in per_class.items():
+        assert recorded["max_miou_percent"]["DAAM"][class_name] == pytest.approx(100 * np.mean(per_image, axis=0).max(), abs=1e-4)
+    assert set(recorded["max_miou_percent"]) == {"DAAM", "Linear DAAM", "open-vocabulary"}
