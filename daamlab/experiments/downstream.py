@@ -24,23 +24,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from daamlib.labels import UNCERTAIN, heatmap_to_mask
+from daamlib.labels import UNCERTAIN
 from daamlib.metrics import pooled_iou
-from daamlib.methods import HeatmapMethod
 from daamlab.experiments.dataset import label_ids
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import SegmentationNet, images_to_tensor, seeded_segmentation_net
 from daamlab.toyworld.dataset import SceneSet
-
-def masks_from_heatmaps(dataset, method: HeatmapMethod, tau: float = 0.4) -> np.ndarray:
-    """Pseudo-labels [N, H, W] from a heatmap method: D >= τ·max D of the class word is the prompt's class."""
-    labels = []
-    for _, row in dataset.manifest.iterrows():
-        record = dataset.record(row)
-        mask = heatmap_to_mask(method.attribute(record, row["word"]).heatmap, record.image_size, "fixed", tau)
-        labels.append(np.where(mask, dataset.label_ids[row["class_name"]], 0).astype(np.uint8))
-    return np.stack(labels)
-
 
 def scene_labels(scenes: SceneSet, classes: Sequence[str]) -> np.ndarray:
     """Exact labels of rendered scenes in the study's label space [N, H, W] (other train ids → background)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from daamlib.methods import HeatmapMethod
+from daamlib.labels import heatmap_to_mask
 from daamlib.metrics import iou_curve, summarize, thresholds
 from daamlib.record import Record
 from daamlab.experiments.dataset import ThesisDataset
@@ -67,3 +68,13 @@ def class_curves(dataset: ThesisDataset, method: HeatmapMethod, taus: np.ndarray
 def prompt_fidelity(shares: pd.DataFrame, min_share: float = 0.01) -> pd.Series:
     """Per class, the fraction of images in which the class covers at least ``min_share`` of the pixels."""
     return (shares["share"] >= min_share).groupby(shares["class_name"], sort=False).mean()
+
+
+def masks_from_heatmaps(dataset, method: HeatmapMethod, tau: float = 0.4) -> np.ndarray:
+    """Pseudo-labels [N, H, W] from a heatmap method: D >= τ·max D of the class word is the prompt's class."""
+    labels = []
+    for _, row in dataset.manifest.iterrows():
+        record = dataset.record(row)
+        mask = heatmap_to_mask(method.attribute(record, row["word"]).heatmap, record.image_size, "fixed", tau)
+        labels.append(np.where(mask, dataset.label_ids[row["class_name"]], 0).astype(np.uint8))
+    return np.stack(labels)

@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from daamlib.labels import heatmap_to_mask
-from daamlib.methods import daam
+from daamlib.methods import DAAM
 from daamlib.metrics import iou, pooled_iou
 from daamlib.pcc import PCCConfig, pcc_segment
+from daamlab.experiments.evaluation import masks_from_heatmaps
 
 SINGLE_CLUSTER = PCCConfig(cluster_counts=(1,))
 
@@ -51,11 +51,7 @@ def truth_labels(dataset) -> np.ndarray:
 
 def baseline_labels(dataset, tau: float = 0.4) -> dict[str, np.ndarray]:
     """Label maps [N, H, W] of the class word's DAAM mask at τ and of the all-background answer."""
-    daam_labels = []
-    for _, row in dataset.manifest.iterrows():
-        mask = heatmap_to_mask(daam(dataset.record(row), row["word"]), dataset.mask(row).shape, "fixed", tau)
-        daam_labels.append(np.where(mask, class_label(dataset, row), 0))
-    daam_labels = np.stack(daam_labels).astype(np.uint8)
+    daam_labels = masks_from_heatmaps(dataset, DAAM(), tau)
     return {f"DAAM (τ = {tau})": daam_labels, "all background": np.zeros_like(daam_labels)}
 
 
