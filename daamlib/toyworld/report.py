@@ -26,6 +26,7 @@ from ..plotting import examples_grid, heatmap_at_image
 from ..methods import daam
 from . import labels as L
 from .annotator import Annotator
+from .diagnostics import format_cosines, pipeline_cosines
 
 THESIS_SD2_MAX_MIOU = {"car": 82.5, "person": 36.2, "traffic light": 71.1, "rider": 31.0, "All": 53.2}
 
@@ -65,7 +66,8 @@ def measure(seeds: int, dataset_dir: Path, figure_path: Path) -> dict:
     table = class_curves(dataset, heatmap_method("daam")).summary()
     mass = attention_mass_by_label(dataset)
     examples_figure(dataset, figure_path)
-    return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares}
+    cosines = pipeline_cosines(pipe)
+    return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares, "cosines": cosines}
 
 
 def model_size_mb(directory: Path) -> float:
@@ -149,6 +151,21 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         lines.append(f"| {class_name} | {100 * row['max_miou']:.1f} | {best_tau} | {100 * row['auc']:.1f} | "
                      f"{THESIS_SD2_MAX_MIOU.get(class_name, float('nan')):.1f} |")
     lines += ["", *_targets(results, annotator)]
+    if "cosines" in results:
+        cosines = results["cosines"]
+        lines += [
+            "",
+            "### How alike the words' keys are",
+            "",
+            "Mean off-diagonal cosine between the contextual embeddings of car, person, light, rider, tree, road, "
+            "sidewalk, building and sky in \"a {word} in an urban environment\" (`daamlib.toyworld.diagnostics`), "
+            "and between their keys after the mid block's and the highest-resolution block's `to_k`; near 1, "
+            "the softmax over tokens cannot single a word out:",
+            "",
+            "| embedding | class words only | mid `to_k` | highest-resolution `to_k` |", "|---|---|---|---|",
+            f"| {cosines['embedding']:.3f} | {cosines['class words']:.3f} | {cosines['mid to_k']:.3f} | "
+            f"{cosines['highest-res to_k']:.3f} |",
+        ]
     mass = results["mass"]
     lines += [
         "",
@@ -196,7 +213,7 @@ def main(argv=None) -> None:
     dataset_dir = args.dataset_dir or data_dir() / "cache" / "toyworld-report" / model_fingerprint(toy_model_dir())
     results = measure(args.seeds, dataset_dir, figure_path)
     write_report(results, args.output, figure_path)
-    print(results["fidelity"].to_string(), results["daam"].to_string(), sep="\n\n")
+    print(results["fidelity"].to_string(), results["daam"].to_string(), format_cosines(results["cosines"]), sep="\n\n")
 
 
 if __name__ == "__main__":
