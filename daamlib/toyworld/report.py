@@ -179,7 +179,19 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         f"![examples]({figure_path.relative_to(path.parent).as_posix()})",
         "",
     ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + _kept_section(path))
+
+
+KEPT_HEADING = "## Ablations"
+
+
+def _kept_section(path: Path) -> str:
+    """The page's hand-written ablation section (from ``KEPT_HEADING`` to the end), which a rewrite keeps."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    start = text.find("\n" + KEPT_HEADING)
+    return "" if start < 0 else text[start:]
 
 
 def _targets(results: dict, annotator: dict) -> list[str]:

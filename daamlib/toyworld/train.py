@@ -547,6 +547,7 @@ def main(argv=None) -> None:
     parser.add_argument("--frozen-text-encoder", action="store_true", help="train the UNet alone on the textenc encoder")
     parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
     parser.add_argument("--spatial-caption-share", type=float, default=defaults.spatial_caption_share)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator of this pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
@@ -560,7 +561,7 @@ def main(argv=None) -> None:
         checkpoint_every=args.checkpoint_every, export_every=args.export_every, device=args.device,
         textenc_steps=args.textenc_steps, textenc_batch_size=args.textenc_batch_size,
         frozen_text_encoder=args.frozen_text_encoder, unet_init=args.unet_init,
-        spatial_caption_share=args.spatial_caption_share,
+        spatial_caption_share=args.spatial_caption_share, ema_decay=args.ema_decay,
     )
     train(config, args.stages, args.reuse_from)
 
