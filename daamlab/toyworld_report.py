@@ -28,6 +28,7 @@ from daamlab.plotting import examples_grid, heatmap_at_image
 from daamlib.methods import DAAM, daam
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import Annotator
+from daamlab.toyworld.diagnostics import format_cosines, pipeline_cosines
 
 THESIS_SD2_MAX_MIOU = MAX_MIOU[("DAAM", "not optimized")].to_dict()  # Table 4.2, one source
 
@@ -67,7 +68,8 @@ def measure(seeds: int, dataset_dir: Path, figure_path: Path) -> dict:
     table = class_curves(dataset, DAAM()).summary()
     mass = attention_mass_by_label(dataset)
     examples_figure(dataset, figure_path)
-    return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares}
+    cosines = pipeline_cosines(pipe)
+    return {"fidelity": fidelity, "daam": table, "mass": mass, "shares": shares, "cosines": cosines}
 
 
 def model_size_mb(directory: Path) -> float:
@@ -151,6 +153,21 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         lines.append(f"| {class_name} | {100 * row['max_miou']:.1f} | {best_tau} | {100 * row['auc']:.1f} | "
                      f"{THESIS_SD2_MAX_MIOU.get(class_name, float('nan')):.1f} |")
     lines += ["", *_targets(results, annotator)]
+    if "cosines" in results:
+        cosines = results["cosines"]
+        lines += [
+            "",
+            "### How alike the words' keys are",
+            "",
+            "Mean off-diagonal cosine between the contextual embeddings of car, person, light, rider, tree, road, "
+            "sidewalk, building and sky in \"a {word} in an urban environment\" (`daamlab.toyworld.diagnostics`), "
+            "and between their keys after the mid block's and the highest-resolution block's `to_k`; near 1, "
+            "the softmax over tokens cannot single a word out:",
+            "",
+            "| embedding | class words only | mid `to_k` | highest-resolution `to_k` |", "|---|---|---|---|",
+            f"| {cosines['embedding']:.3f} | {cosines['class words']:.3f} | {cosines['mid to_k']:.3f} | "
+            f"{cosines['highest-res to_k']:.3f} |",
+        ]
     mass = results["mass"]
     lines += [
         "",
@@ -164,7 +181,19 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         f"![examples]({figure_path.relative_to(path.parent).as_posix()})",
         "",
     ]
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + _kept_section(path))
+
+
+KEPT_HEADING = "## Ablations"
+
+
+def _kept_section(path: Path) -> str:
+    """The page's hand-written ablation section (from ``KEPT_HEADING`` to the end), which a rewrite keeps."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    start = text.find("\n" + KEPT_HEADING)
+    return "" if start < 0 else text[start:]
 
 
 def _targets(results: dict, annotator: dict) -> list[str]:
@@ -198,7 +227,7 @@ def main(argv=None) -> None:
     dataset_dir = args.dataset_dir or data_dir() / "cache" / "toyworld-report" / model_fingerprint(toy_model_dir())
     results = measure(args.seeds, dataset_dir, figure_path)
     write_report(results, args.output, figure_path)
-    print(results["fidelity"].to_string(), results["daam"].to_string(), sep="\n\n")
+    print(results["fidelity"].to_string(), results["daam"].to_string(), format_cosines(results["cosines"]), sep="\n\n")
 
 
 if __name__ == "__main__":

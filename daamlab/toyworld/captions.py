@@ -41,3 +41,35 @@ def caption(scene: Scene, seed: int) -> str:
         template = WITH_OTHERS[rng.integers(len(WITH_OTHERS))]
         return template.format(object=scene.main_class, other=others[rng.integers(len(others))])
     return PARAPHRASES[rng.integers(len(PARAPHRASES))].format(object=scene.main_class)
+
+
+# -- spatial captions: what is where, from the exact labels ---------------------------------------
+_SPATIAL_WORDS = {L.CAR: "car", L.PERSON: "person", L.TRAFFIC_LIGHT: "traffic light", L.RIDER: "rider",
+                  L.VEGETATION: "tree", L.BUILDING: "building", L.BICYCLE: "bicycle"}
+_AREA_WORDS = {L.ROAD: "road", L.SIDEWALK: "sidewalk", L.SKY: "sky"}  # always spread across: named without a side
+
+
+def _side(mask: np.ndarray) -> str:
+    """'on the left', 'in the middle' or 'on the right' by the mask's mean column (mask bool [S, S])."""
+    column = np.nonzero(mask)[1].mean() / mask.shape[1]
+    return "on the left" if column < 0.38 else "on the right" if column > 0.62 else "in the middle"
+
+
+def spatial_caption(labels: np.ndarray, main_class: str, rng: np.random.Generator, max_others: int = 2) -> str:
+    """A caption naming the main object and up to ``max_others`` other things with where they are,
+    e.g. "a car on the left and a tree on the right" (labels uint8 [S, S], as the image is shown)."""
+    main_label = L.IDS[main_class]
+    phrases = []
+    if (labels == main_label).any():
+        phrases.append(f"a {main_class} {_side(labels == main_label)}")
+    else:
+        phrases.append(f"a {main_class}")
+    others = []
+    for label, word in {**_SPATIAL_WORDS, **_AREA_WORDS}.items():
+        mask = labels == label
+        if label == main_label or mask.sum() < _MIN_PIXELS or (main_class == "rider" and label == L.BICYCLE):
+            continue
+        others.append(f"a {word} {_side(mask)}" if label in _SPATIAL_WORDS else f"the {word}")
+    for index in rng.permutation(len(others))[: rng.integers(0, max_others + 1)]:
+        phrases.append(others[index])
+    return " and ".join(phrases)

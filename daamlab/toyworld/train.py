@@ -5,7 +5,11 @@
 
 Stages, in order: ``data`` (render the training and held-out scenes), ``vae`` (the autoencoder),
 ``annotator`` (the ground-truth segmenter, trained on renders and on their VAE reconstructions),
-``unet`` (UNet and CLIP text encoder together, on cached latents, with an EMA copy). Every stage is
+``textenc`` (optional: the CLIP text encoder pre-trained contrastively on (scene, caption) pairs with a
+small image encoder, see :mod:`daamlab.toyworld.textenc`), ``unet`` (UNet and CLIP text encoder
+together, or the UNet alone on the frozen ``textenc`` encoder with ``--frozen-text-encoder``, on
+cached latents, with an EMA copy). ``--reuse-from DIR`` copies the VAE and the annotator of a
+trained pipeline instead of training them. Every stage is
 seeded and resumable: checkpoints are written atomically to the work directory, and a killed run
 continues from its last checkpoint when started again with the same arguments. The pipeline is
 exported with ``save_pretrained`` (fp16 safetensors) at every export interval and at the end.
@@ -23,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel
 
 from daamlib.io import save_safetensors, write_json
 from daamlab import data_dir
@@ -41,10 +46,13 @@ from daamlab.toyworld.architecture import (
     inference_scheduler,
     training_scheduler,
 )
+from daamlab.toyworld import labels as L
 from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
 from daamlib.testing import build_clip_tokenizer
 
-STAGES = ("data", "vae", "annotator", "unet")
+STAGES = ("data", "vae", "annotator", "textenc", "unet")
+# Seeds of a stage's steps: fixed per stage, so that adding a stage changes no other stage's randomness.
+_STAGE_SEED_INDEX = {"data": 0, "vae": 1, "annotator": 2, "unet": 3, "textenc": 4}
 
 
 @dataclass
@@ -63,6 +71,12 @@ class TrainConfig:
     vae_learning_rate: float = 5e-4
     annotator_learning_rate: float = 2e-3
     unet_learning_rate: float = 5e-4
+    textenc_steps: int = 0  # 0: no contrastive pre-training
+    textenc_batch_size: int = 128
+    textenc_learning_rate: float = 1e-3
+    frozen_text_encoder: bool = False  # the unet stage trains the UNet alone on the textenc stage's encoder
+    unet_init: Path | None = None  # a pipeline directory whose UNet weights start the unet stage
+    spatial_caption_share: float = 0.0  # share of unet-stage captions that say what is where
     caption_dropout: float = 0.1  # empty prompts, for classifier-free guidance
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -82,6 +96,10 @@ class TrainConfig:
     @property
     def vae_dir(self) -> Path:
         return self.work_dir / "vae"
+
+    @property
+    def text_encoder_dir(self) -> Path:
+        return self.work_dir / "textenc"
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -125,7 +143,7 @@ def _join(skeleton, tensors: dict):
 
 def _step_generator(seed: int, stage: str, step: int) -> torch.Generator:
     """The randomness of one step depends only on (seed, stage, step): resuming replays it exactly."""
-    state = np.random.SeedSequence([seed, STAGES.index(stage), step]).generate_state(1, np.uint64)[0]
+    state = np.random.SeedSequence([seed, _STAGE_SEED_INDEX[stage], step]).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -299,6 +317,84 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     return report
 
 
+def reuse_components(config: TrainConfig, source: Path) -> None:
+    """Copy a trained pipeline's VAE (as float32) and annotator, with their training reports, into the
+    work directory, so that the vae and annotator stages are skipped."""
+    reports = json.loads((Path(source) / "training.json").read_text())["reports"]
+    if not (config.vae_dir / "config.json").exists():
+        AutoencoderKL.from_pretrained(Path(source) / "vae").float().save_pretrained(config.vae_dir)
+        write_json(config.work_dir / "vae_report.json", {**reports["vae"], "reused_from": str(source)})
+    if not (config.work_dir / "annotator").exists():
+        shutil.copytree(Path(source) / "annotator", config.work_dir / "annotator")
+        write_json(config.work_dir / "annotator_report.json", {**reports["annotator"], "reused_from": str(source)})
+
+
+def _captions_of_batch(scenes: SceneSet, indices: torch.Tensor, flips: torch.Tensor, spatial_share: float,
+                       generator: torch.Generator) -> list[str]:
+    """One caption per scene: a spatial one (from its labels, flipped as the image is) with probability
+    ``spatial_share``, else one of its stored captions (which name no side, so they survive a flip)."""
+    from daamlab.toyworld.captions import spatial_caption
+
+    spatial = (torch.rand(len(indices), generator=generator) < spatial_share).tolist()
+    choice = torch.randint(len(scenes.captions[0]), (len(indices),), generator=generator).tolist()
+    rng_seed = int(torch.randint(2**31, (1,), generator=generator))
+    rng = np.random.default_rng(rng_seed)
+    captions = []
+    for index, flip, use_spatial, k in zip(indices.tolist(), flips.tolist(), spatial, choice):
+        if use_spatial:
+            labels = scenes.labels[index][:, ::-1] if flip else scenes.labels[index]
+            main_class = L.MAIN_CLASSES[int(scenes.classes[index])]
+            captions.append(spatial_caption(labels, main_class, rng))
+        else:
+            captions.append(scenes.captions[index][k])
+    return captions
+
+
+def train_textenc(config: TrainConfig) -> dict:
+    """Contrastive pre-training of the text encoder (see :mod:`daamlab.toyworld.textenc`); saves it to
+    ``text_encoder_dir`` with a report holding the words' embedding cosines."""
+    from daamlab.toyworld.diagnostics import embedding_cosines
+    from daamlab.toyworld.textenc import ContrastiveHead, ImageEncoder, contrastive_losses
+
+    torch.manual_seed(config.seed)
+    arch = config.architecture
+    scenes = SceneSet.load(config.scenes_path)
+    tokenizer = build_clip_tokenizer()
+    text_encoder = build_text_encoder(arch, tokenizer).to(config.device).train()
+    image_encoder = ImageEncoder(arch.text_hidden_size).to(config.device).train()
+    head = ContrastiveHead().to(config.device)
+    modules = {"text_encoder": text_encoder, "image_encoder": image_encoder, "head": head}
+    parameters = [p for module in modules.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=config.textenc_learning_rate, weight_decay=0.01)
+    stage = _Stage("textenc", config, modules, optimizer, config.textenc_steps)
+    token_cache: dict[str, list[int]] = {}
+
+    def step_fn(step: int, generator: torch.Generator) -> torch.Tensor:
+        batch = config.textenc_batch_size
+        indices = torch.randperm(len(scenes), generator=generator)[:batch]  # distinct scenes: no false negatives
+        flips = torch.rand(batch, generator=generator) < 0.5
+        images, _ = _batch_images(scenes, indices, flips)  # [B, 3, S, S]
+        captions = _captions_of_batch(scenes, indices, flips, 0.5, generator)
+        ids = _token_ids(tokenizer, captions, token_cache)  # [B, 77]
+        # The encoder is causal: cutting the padding after the longest caption leaves every kept output as it was.
+        length = int((ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1
+        ids = ids[:, :length].to(config.device)  # [B, T]
+        tokens = text_encoder(ids).last_hidden_state  # [B, T, d]
+        patches = image_encoder(images.to(config.device))  # [B, P, d]
+        losses = contrastive_losses(tokens, ids, patches, tokenizer.eos_token_id, head.scale())
+        return losses["global"] + losses["tokenwise"]
+
+    stage.run(step_fn)
+    text_encoder.eval()
+    cosines = embedding_cosines(text_encoder, tokenizer)
+    text_encoder.to("cpu").save_pretrained(config.text_encoder_dir)
+    report = {"steps": stage.step, "seconds": stage.seconds, "final_loss": float(np.mean(stage.losses[-50:])),
+              "batch_size": config.textenc_batch_size,
+              "cosine": {name: value for name, value in cosines.items() if name != "matrix"}}
+    write_json(config.work_dir / "textenc_report.json", report)
+    return report
+
+
 def _ema_with_warmup(decay: float):
     """EMA whose decay grows as min(decay, (1 + n) / (10 + n)): early averages forget the random init."""
 
@@ -330,10 +426,19 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
                           "stds": torch.stack([stds, flipped_stds]).contiguous()}, latents_path)
     posteriors = load_file(latents_path)
     scaling = vae.config.scaling_factor
-    unet, text_encoder = build_unet(arch).to(config.device).train(), build_text_encoder(arch, tokenizer).to(config.device).train()
+    unet = build_unet(arch)
+    if config.unet_init is not None:  # overwritten by the checkpoint when resuming
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(config.unet_init) / "unet").float().state_dict())
+    unet = unet.to(config.device).train()
+    if config.frozen_text_encoder:
+        text_encoder = CLIPTextModel.from_pretrained(config.text_encoder_dir).float().to(config.device).eval()
+        text_encoder.requires_grad_(False)
+    else:
+        text_encoder = build_text_encoder(arch, tokenizer).to(config.device).train()
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = torch.optim.swa_utils.AveragedModel(models, avg_fn=_ema_with_warmup(config.ema_decay))
-    optimizer = torch.optim.AdamW(models.parameters(), lr=config.unet_learning_rate, weight_decay=0.01)
+    trained = [p for p in models.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=config.unet_learning_rate, weight_decay=0.01)
     stage = _Stage("unet", config, {"models": models}, optimizer, config.unet_steps, {"ema": ema})
     noise_scheduler = training_scheduler()
     alphas = noise_scheduler.alphas_cumprod
@@ -346,14 +451,19 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
         flips = (torch.rand(batch, generator=generator) < 0.5).long()
         mean, std = posteriors["means"][flips, indices], posteriors["stds"][flips, indices]
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
-        choice = torch.randint(len(scenes.captions[0]), (batch,), generator=generator)
         dropped = torch.rand(batch, generator=generator) < config.caption_dropout
-        captions = ["" if drop else scenes.captions[i][c] for i, c, drop in zip(indices.tolist(), choice.tolist(), dropped.tolist())]
+        if config.spatial_caption_share > 0:
+            chosen = _captions_of_batch(scenes, indices, flips.bool(), config.spatial_caption_share, generator)
+        else:  # the original draw, kept so that earlier runs resume identically
+            choice = torch.randint(len(scenes.captions[0]), (batch,), generator=generator)
+            chosen = [scenes.captions[i][c] for i, c in zip(indices.tolist(), choice.tolist())]
+        captions = ["" if drop else text for text, drop in zip(chosen, dropped.tolist())]
         ids = _token_ids(tokenizer, captions, token_cache).to(config.device)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        context = text_encoder(ids).last_hidden_state
+        with torch.set_grad_enabled(not config.frozen_text_encoder):
+            context = text_encoder(ids).last_hidden_state  # [B, 77, d_text]
         prediction = unet(noisy.to(config.device), timesteps.to(config.device), context).sample
         weights = (torch.clamp(snr[timesteps], max=config.min_snr_gamma) / snr[timesteps]).to(config.device)
         per_sample = F.mse_loss(prediction, noise.to(config.device), reduction="none").mean(dim=(1, 2, 3))
@@ -387,8 +497,14 @@ def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: Autoe
         shutil.copytree(config.work_dir / "annotator", staging / "annotator")
     reports = {name: json.loads((config.work_dir / f"{name}_report.json").read_text())
                for name in ("vae", "annotator") if (config.work_dir / f"{name}_report.json").exists()}
+    for name in ("textenc",):
+        if config.frozen_text_encoder and (config.work_dir / f"{name}_report.json").exists():
+            reports[name] = json.loads((config.work_dir / f"{name}_report.json").read_text())
     reports["unet"] = {"steps": stage.step, "of_steps": stage.total, "seconds": stage.seconds,
-                       "final_loss": float(np.mean(stage.losses[-100:])), "exported_weights": weights}
+                       "final_loss": float(np.mean(stage.losses[-100:])), "exported_weights": weights,
+                       "frozen_text_encoder": config.frozen_text_encoder,
+                       "init": None if config.unet_init is None else str(config.unet_init),
+                       "spatial_caption_share": config.spatial_caption_share}
     write_json(staging / "training.json", {"config": asdict(config), "device": config.device,
                                              "torch": torch.__version__, "reports": reports})
     previous = output.with_name(output.name + ".previous")
@@ -400,16 +516,20 @@ def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: Autoe
     return output
 
 
-def train(config: TrainConfig, stages=STAGES) -> None:
+def train(config: TrainConfig, stages=STAGES, reuse_from: Path | None = None) -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     config.work_dir.mkdir(parents=True, exist_ok=True)
     if "data" in stages:
         train_data(config)
+    if reuse_from is not None:
+        reuse_components(config, reuse_from)
     vae = train_vae(config) if {"vae", "annotator", "unet"} & set(stages) else None
-    if "annotator" in stages:
+    if "annotator" in stages and not (reuse_from is not None and (config.work_dir / "annotator").exists()):
         train_annotator(config, vae)
+    if "textenc" in stages and config.textenc_steps > 0:
+        train_textenc(config)
     if "unet" in stages:
         train_unet(config, vae)
 
@@ -421,19 +541,30 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
     for name in ("seed", "num_scenes", "num_held_out", "vae_steps", "annotator_steps", "unet_steps", "batch_size", "vae_batch_size",
-                 "checkpoint_every", "export_every"):
+                 "checkpoint_every", "export_every", "textenc_steps", "textenc_batch_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--image-size", type=int, default=defaults.architecture.image_size)
     parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--frozen-text-encoder", action="store_true", help="train the UNet alone on the textenc encoder")
+    parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
+    parser.add_argument("--spatial-caption-share", type=float, default=defaults.spatial_caption_share)
+    parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator of this pipeline")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = TrainConfig(
         output_dir=args.output_dir, work_dir=args.work_dir, architecture=ToyArchitecture(image_size=args.image_size),
         seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
         annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size,
         checkpoint_every=args.checkpoint_every, export_every=args.export_every, device=args.device,
+        textenc_steps=args.textenc_steps, textenc_batch_size=args.textenc_batch_size,
+        frozen_text_encoder=args.frozen_text_encoder, unet_init=args.unet_init,
+        spatial_caption_share=args.spatial_caption_share, ema_decay=args.ema_decay,
     )
-    train(config, args.stages)
+    train(config, args.stages, args.reuse_from)
 
 
 if __name__ == "__main__":

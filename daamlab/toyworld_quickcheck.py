@@ -1,0 +1,76 @@
+"""A quick check of a toy-world model, beside the full report (``daamlab.toyworld_report``).
+
+    python -m daamlab.toyworld_quickcheck [--model DIR] [--seeds 8] [--dataset-dir DIR]
+
+The word-embedding cosines (:mod:`daamlab.toyworld.diagnostics`), then DAAM max mIoU and prompt
+fidelity on a few seeds per class, and the share of the linear (open-vocabulary) map's mass on the
+right label for background words.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from daamlab import data_dir
+from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
+from daamlab.experiments.dataset import annotate_toy_dataset
+from daamlab.plotting import heatmap_at_image
+from daamlab.toyworld import labels as L
+from daamlab.toyworld.annotator import Annotator
+from daamlab.toyworld.diagnostics import BACKGROUND_LABELS, format_cosines, pipeline_cosines
+from daamlab.toyworld_report import model_fingerprint
+from daamlib.methods import DAAM
+from daamlib.methods.linear import linear
+from daamlib.models import load_pipeline, toy_model_dir
+
+
+# -- quick check ---------------------------------------------------------------------------------
+def quick_check(pipe, annotator, dataset_dir: Path, seeds: int = 8) -> dict[str, object]:
+    """DAAM max mIoU, best τ and prompt fidelity on ``seeds`` images per class (30 PNDM steps), and the
+    open-vocabulary (linear) map's mass share on the right label for the background words."""
+    dataset = build_dataset(pipe, dataset_dir, L.MAIN_CLASSES, range(seeds), linear=True, progress=True)
+    shares = annotate_toy_dataset(dataset, annotator)
+    daam_table = class_curves(dataset, DAAM()).summary()
+    return {"daam": daam_table, "fidelity": prompt_fidelity(shares), "openvocab": openvocab_shares(dataset, pipe)}
+
+
+def openvocab_shares(dataset, pipe) -> pd.DataFrame:
+    """Per background word: mean share of its normalised linear map's mass on its label, and that
+    label's mean pixel share (what a flat map would get), over every image of ``dataset``."""
+    rows = []
+    for _, row in dataset.manifest.iterrows():
+        labels = np.asarray(Image.open(dataset.directory / "labels" / f"{row['name']}.png"))  # [S, S]
+        record = dataset.record(row)
+        for word, label in BACKGROUND_LABELS.items():
+            heatmap = heatmap_at_image(linear(record, word, pipe=pipe), labels.shape)  # [S, S] in [0, 1]
+            rows.append({"word": word, "mass share": float(heatmap[labels == label].sum() / max(heatmap.sum(), 1e-8)),
+                         "area share": float((labels == label).mean())})
+    return pd.DataFrame(rows).groupby("word", sort=False).mean()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="pipeline directory (default: the shipped toy model)")
+    parser.add_argument("--seeds", type=int, default=0, help="images per class for the quick check (0: cosines only)")
+    parser.add_argument("--dataset-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or toy_model_dir()
+    pipe = load_pipeline(model_dir, device="cpu", progress_bar=False)
+    print(format_cosines(pipeline_cosines(pipe)))
+    if args.seeds:
+        dataset_dir = args.dataset_dir or data_dir() / "cache" / "toyworld-quick" / model_fingerprint(model_dir)
+        annotator_dir = model_dir / "annotator" if (model_dir / "annotator").exists() else toy_model_dir() / "annotator"
+        result = quick_check(pipe, Annotator.from_pretrained(annotator_dir), dataset_dir, args.seeds)
+        print(result["daam"].to_string(), result["fidelity"].to_string(), result["openvocab"].to_string(), sep="\n\n")
+
+
+if __name__ == "__main__":
+    main()
