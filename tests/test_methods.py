@@ -48,7 +48,7 @@ def test_openvocab_with_the_generating_prompt_as_context_equals_daam(pipe):
     for word in ("car", "tree", "<sot>", "<eot>"):
         reference = daamlib.daam(rerun, word)
         from_cache = daamlib.openvocab(cached, PROMPT, word, pipe=pipe, include_padding=True)
-        from_rerun = daamlib.openvocab(rerun, PROMPT, word)
+        from_rerun = daamlib.openvocab(rerun, PROMPT, word, include_padding=True)  # attached with its padding
         assert torch.allclose(from_cache, reference, rtol=1e-4, atol=1e-5)
         assert torch.allclose(from_rerun, reference, rtol=1e-5, atol=1e-6)
 
@@ -146,5 +146,5 @@ def test_vector_contexts_in_a_rerun_equal_openvocab_maps_from_the_query_cache(pi
     assert rerun.meta.contexts["optimized"] == ["optimized[0]", "optimized[1]"]
     expected = daamlib.openvocab_maps(cached, vectors, pipe)
     assert torch.allclose(daamlib.openvocab(rerun, "optimized"), expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match=r"vectors \[m, d_text\]"):
+    with pytest.raises(ValueError, match=r"vectors \[m, 32\] \(the model.s conditioning size\)"):
         generate(pipe, contexts={"bad": torch.randn(32)})
