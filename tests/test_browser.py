@@ -346,6 +346,6 @@ def test_mask_review_in_jupyterlab(driver, lab):
     _wait(lambda: json.loads(decisions_path.read_text())[second["name"]]["status"] == "rejected", 60,
           "the rejected decision on disk")
     assert not (root / "dataset" / second["mask"]).exists()  # a rejected sample keeps no mask
-    assert "1 accepted, 1 rejected" in widget.text
+    _wait(lambda: "1 accepted, 1 rejected" in widget.text, 60, "the summary to count the decisions")  # the view updates after the file
     assert not _widget_errors(driver)
     _screenshot(driver, lab, "mask_review_after_accept_reject", widget)
