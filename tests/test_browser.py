@@ -191,9 +191,15 @@ def driver(lab, tmp_path):
 
 # -- driving JupyterLab -----------------------------------------------------------------------------
 def _wait(condition, timeout: float, what: str, poll: float = 0.5):
+    """Poll ``condition`` until it is truthy; an element the page re-rendered meanwhile counts as not yet."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
         if value:
             return value
         time.sleep(poll)
