@@ -63,8 +63,6 @@ def select_layers(
     """The layers named in ``names`` (all of ``available`` when ``None``), with a clear error."""
     if names is None:
         return list(available)
-    if isinstance(names, str):
-        raise TypeError(f"layers is a list of module paths; wrap one layer: layers=[{names!r}]")
     by_name = {layer.name: layer for layer in available}
     chosen = []
     for name in names:
