@@ -1,5 +1,7 @@
 """Reading a pipeline's modules without changing them.
 
+* :func:`denoiser`: the network that denoises (a UNet, or a DiT's transformer);
+* :func:`conditioning`: text-encoder output -> what the cross-attention keys are projected from;
 * :func:`execution_device`: where the pipeline computes (also under CPU offload);
 * :func:`linear_parameters` / :func:`project`: a projection's weight and bias as plain detached
   tensors on a chosen device, also when ``enable_sequential_cpu_offload`` keeps them on the meta
@@ -21,10 +23,31 @@ _PROBE_SIZE = 8  # values of each weight probe kept in the fingerprint
 _PROBE_RTOL = 2e-2  # fp16 and fp32 copies of one model agree far better; other models differ by O(1)
 
 
+def denoiser(pipe) -> torch.nn.Module:
+    """``pipe.unet`` (Stable Diffusion 1.x/2.x/XL) or ``pipe.transformer`` (PixArt and other DiTs)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer; pass a diffusers text-to-image pipeline")
+
+
+def conditioning(pipe, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output [..., n, d_encoder] mapped into the space the cross-attention keys are
+    projected from [..., n, d_text]: unchanged for UNets; through the transformer's ``caption_projection``
+    for PixArt (T5's 4096 -> the model width), as its forward does before the first block."""
+    projection = getattr(denoiser(pipe), "caption_projection", None)
+    if projection is None:
+        return text_embeddings
+    with torch.no_grad():
+        weight_dtype = next(projection.parameters()).dtype
+        return projection(text_embeddings.to(weight_dtype)).float()
+
+
 def execution_device(pipe) -> torch.device:
     """The device the pipeline's models run on (diffusers' own answer under CPU offload)."""
     device = getattr(pipe, "_execution_device", None)
-    return torch.device(device) if device is not None else pipe.unet.device
+    return torch.device(device) if device is not None else denoiser(pipe).device
 
 
 def linear_parameters(module: torch.nn.Linear, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,12 +85,11 @@ def _float_dtype(module: torch.nn.Module) -> torch.dtype:
 def model_fingerprint(pipe) -> dict:
     """What identifies the weights a record was made with.
 
-    ``config``: a hash of the UNet's and text encoder's configurations (architecture);
+    ``config``: a hash of the denoiser's and text encoder's configurations (architecture);
     ``probe``: a few outputs of the first cross-attention key projection and of the token
     embedding on fixed inputs (the weights). fp16 and fp32 copies of one model match.
     """
-    unet = pipe.unet
-    configs = [_config_dict(unet)]
+    configs = [_config_dict(denoiser(pipe))]
     text_encoder = getattr(pipe, "text_encoder", None)
     if text_encoder is not None:
         configs.append(_config_dict(text_encoder))
@@ -109,9 +131,8 @@ def _config_dict(module) -> dict:
 
 @torch.no_grad()
 def _weight_probe(pipe) -> list[float]:
-    unet = pipe.unet
     device = execution_device(pipe)
-    cross = next((m for m in unet.modules() if getattr(m, "is_cross_attention", False)), None)
+    cross = next((m for m in denoiser(pipe).modules() if getattr(m, "is_cross_attention", False)), None)
     values = []
     if cross is not None:
         weight, _ = linear_parameters(cross.to_k, device)

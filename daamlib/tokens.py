@@ -1,10 +1,11 @@
-"""Prompt <-> token <-> word mapping for CLIP-tokenized prompts.
+"""Prompt <-> token <-> word mapping for CLIP's BPE and T5's SentencePiece.
 
-A prompt is tokenized by the pipeline into ``model_max_length`` ids (77 for every Stable
-Diffusion text encoder): ``<|startoftext|>`` (SOT), the word pieces, ``<|endoftext|>`` (EOT), then
-padding up to the model length. CLIP's BPE marks the last piece of every word with ``</w>``,
-so words are recovered from the token strings alone: a record can find its words without the
-tokenizer that made it. Tokens added to the tokenizer (textual-inversion embeddings loaded with
+A prompt is tokenized by the pipeline into a fixed number of ids (77 for CLIP, the pipeline's
+``max_sequence_length`` for T5). CLIP: ``<|startoftext|>`` (SOT), the word pieces,
+``<|endoftext|>`` (EOT), then padding; its BPE marks the last piece of every word with ``</w>``.
+T5 (PixArt, SD3's third encoder, Flux): no SOT; the pieces, ``</s>`` (EOT), then ``<pad>``;
+SentencePiece marks the first piece of every word with ``▁``. Either way words are recovered from
+the token strings alone: a record can find its words without the tokenizer that made it. Tokens added to the tokenizer (textual-inversion embeddings loaded with
 ``pipe.load_textual_inversion``) are whole words; a multi-vector embedding ``<tok>`` expands to
 ``<tok> <tok>_1 <tok>_2 ...`` and is one word, ``<tok>``.
 """
@@ -18,8 +19,9 @@ from typing import Sequence
 SOT = "<sot>"
 EOT = "<eot>"
 _SOT_ALIASES = {SOT, "<|startoftext|>"}
-_EOT_ALIASES = {EOT, "<|endoftext|>"}
-_END_OF_WORD = "</w>"
+_EOT_ALIASES = {EOT, "<|endoftext|>", "</s>"}
+_END_OF_WORD = "</w>"  # CLIP BPE: last piece of a word
+_WORD_START = "\u2581"  # SentencePiece "▁": first piece of a word
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -62,8 +64,9 @@ class Word:
 class PromptTokens:
     """The tokens a text encoder saw for one prompt.
 
-    ``ids`` and ``strings`` have the text encoder's full length (e.g. 77). ``eot_index`` is the
-    position of the first EOT after SOT; everything after it is padding. ``added_tokens`` are the
+    ``ids`` and ``strings`` have the text encoder's full length (e.g. 77). ``sot_index`` is 0 for CLIP
+    and ``None`` for T5, which has no start token. ``eot_index`` is the position of the first EOT
+    after the words; everything after it is padding. ``added_tokens`` are the
     prompt's tokens that were added to the tokenizer (textual inversion).
     """
 
@@ -87,7 +90,7 @@ class PromptTokens:
 
     @classmethod
     def from_text(cls, text: str, tokenizer) -> "PromptTokens":
-        """Tokenize ``text`` exactly as a diffusers pipeline does (padded, truncated)."""
+        """Tokenize ``text`` as a CLIP pipeline does (padded to ``model_max_length``, truncated)."""
         ids = tokenizer(
             text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
@@ -99,12 +102,16 @@ class PromptTokens:
         return len(self.ids)
 
     @property
-    def sot_index(self) -> int:
-        return 0
+    def sot_index(self) -> int | None:
+        return 0 if self.strings[0] in _SOT_ALIASES else None
+
+    @property
+    def _first_piece(self) -> int:
+        return 0 if self.sot_index is None else 1
 
     @property
     def eot_index(self) -> int:
-        for index in range(1, self.length):
+        for index in range(self._first_piece, self.length):
             if self.strings[index] in _EOT_ALIASES:
                 return index
         return self.length - 1
@@ -120,13 +127,22 @@ class PromptTokens:
 
     # -- words ------------------------------------------------------------------------------
     @property
+    def _is_sentencepiece(self) -> bool:
+        return any(piece.startswith(_WORD_START) for piece in self.strings)
+
+    @property
     def words(self) -> tuple[Word, ...]:
-        """The prompt's words between SOT and EOT, each with its token positions."""
+        """The prompt's words before EOT, each with its token positions."""
         words: list[Word] = []
         pieces: list[str] = []
         indices: list[int] = []
-        for index in range(1, self.eot_index):
+        for index in range(self._first_piece, self.eot_index):
             piece = self.strings[index]
+            if piece.startswith(_WORD_START):  # SentencePiece: a new word starts here
+                if pieces:
+                    words.append(Word("".join(pieces), tuple(indices)))
+                pieces, indices = [piece[len(_WORD_START):]], [index]
+                continue
             if piece in self.added_tokens:
                 if pieces:  # pieces without an end marker before an added token
                     words.append(Word("".join(pieces), tuple(indices)))
@@ -143,8 +159,9 @@ class PromptTokens:
                 text = "".join(pieces)[: -len(_END_OF_WORD)]
                 words.append(Word(decode_piece(text), tuple(indices)))
                 pieces, indices = [], []
-        if pieces:  # a word cut by truncation has no end marker
-            words.append(Word(decode_piece("".join(pieces)), tuple(indices)))
+        if pieces:  # SentencePiece's last word, or a BPE word cut by truncation (no end marker)
+            text = "".join(pieces)
+            words.append(Word(text if self._is_sentencepiece else decode_piece(text), tuple(indices)))
         return tuple(words)
 
     def token_indices(self, word: str | int, occurrence: int = 0) -> tuple[int, ...]:
@@ -163,6 +180,8 @@ class PromptTokens:
         if query in _SOT_ALIASES | _EOT_ALIASES and occurrence != 0:
             raise KeyError(f"{word!r} occurs once per prompt; occurrence={occurrence} has no meaning for it (use 0)")
         if query in _SOT_ALIASES:
+            if self.sot_index is None:
+                raise KeyError("this tokenizer (SentencePiece, as T5's) has no start token; use '<eot>' or a word")
             return (self.sot_index,)
         if query in _EOT_ALIASES:
             return (self.eot_index,)
@@ -199,7 +218,7 @@ class PromptTokens:
             return EOT
         if index > self.eot_index:
             return "<pad>"
-        return self.strings[index].replace(_END_OF_WORD, "")
+        return self.strings[index].replace(_END_OF_WORD, "").replace(_WORD_START, "")
 
 
 def _multi_vector_base(piece: str, added_tokens: tuple[str, ...]) -> str | None:

@@ -82,11 +82,13 @@ class GenerationState:
         flat_queries: torch.Tensor,  # [N, hw, inner]
         scale: float,
         context_keys: dict[str, torch.Tensor],  # phrase -> [heads, m, head_dim]
+        key_bias: torch.Tensor | None = None,  # [N, 1, 1, n] additive mask the model applies (PixArt's padding)
     ) -> None:
         options, name = self.options, layer.name
         queries32 = queries.float()
         if options.daam:
-            probs = torch.softmax(queries32 @ keys.float().transpose(-1, -2) * scale, dim=-1)  # [N, heads, hw, n]
+            logits = queries32 @ keys.float().transpose(-1, -2) * scale  # [N, heads, hw, n]
+            probs = torch.softmax(logits if key_bias is None else logits + key_bias, dim=-1)
             head_sum = probs.sum(dim=1)  # [N, hw, n]
             _add(self.daam, name, head_sum)
             if options.per_head:

@@ -1,18 +1,21 @@
 """``trace(pipe)``: capture attention while a diffusers pipeline generates.
 
-Per-instance processors go onto the traced layers with ``unet.set_attn_processor``; two
-PyTorch forward pre-hooks watch the text encoder (which prompt ids were encoded) and the UNet
-(batch layout, latent size, timestep). All of it is undone in ``finally``.
+Per-instance processors go onto the traced layers with the denoiser's ``set_attn_processor``; two
+PyTorch forward pre-hooks watch the text encoder (which prompt ids were encoded) and the denoiser
+(batch layout, latent size, timestep). All of it is undone in ``finally``. The denoiser is the UNet of
+Stable Diffusion 1.x/2.x/XL or the transformer of PixArt-α/Σ (cross-attention ``attn2`` over T5,
+with the padding mask the model applies).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..modules import execution_device, linear_parameters, model_fingerprint
+from ..modules import conditioning, denoiser, execution_device, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
 from .options import TraceOptions
@@ -32,6 +35,8 @@ class Trace:
     def __init__(self, pipe, options: TraceOptions, layers: list[AttentionLayer],
                  contexts: dict[str, ContextKeys], fingerprint: dict, unet_calls: int | None = None) -> None:
         self.pipe = pipe
+        self.denoiser = denoiser(pipe)
+        self._forward_signature = inspect.signature(self.denoiser.forward)
         self.options = options
         self.unet_calls = unet_calls  # set when the caller drives the UNet itself (see trace)
         self.layers = layers
@@ -60,10 +65,10 @@ class Trace:
         if input_ids is not None:
             self._encoder_ids.append(input_ids.detach())  # diffusers encodes the prompt, then the negative prompt
 
-    def on_unet(self, module, args, kwargs) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        context = args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]
+    def on_denoiser(self, module, args, kwargs) -> None:
+        inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments  # UNet and DiT order their inputs differently
+        sample = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w] latents
+        timestep, context = inputs["timestep"], inputs["encoder_hidden_states"]
         batch = sample.shape[0]
         cfg = self._uses_cfg()
         if cfg and batch % 2:
@@ -127,7 +132,7 @@ class Trace:
             num_images=num_images,
             latent_size=latent_size,
             prompt_ids=prompt_ids,
-            text_embeddings=context[rows].detach().float(),
+            text_embeddings=conditioning(self.pipe, context[rows].detach()).float(),
             expected_steps=expected_steps,
         )
 
@@ -155,13 +160,11 @@ class Trace:
             self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance, self.pipe.tokenizer))
 
     def _key_parameters(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return linear_parameters(self.pipe.unet.get_submodule(layer).to_k, device)
+        return linear_parameters(self.denoiser.get_submodule(layer).to_k, device)
 
     # -- called by the processors ---------------------------------------------------------------
     def observe_cross_attention(self, layer, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
-        if attention_mask is not None:
-            raise ValueError(f"{layer.name} received an attention mask; masked cross-attention cannot be traced")
         _check_token_sequence(layer, hidden_states)
         hidden = hidden_states[self._rows]  # [N, hw, C]
         context = encoder_hidden_states[self._rows]  # [N, n, d_text]
@@ -171,7 +174,8 @@ class Trace:
         queries = _normed(attn, "norm_q", split_heads(flat_queries, attn.heads))  # [N, heads, hw, d]
         keys = _normed(attn, "norm_k", split_heads(attn.to_k(context), attn.heads))  # [N, heads, n, d]
         state.register_layer(layer, hidden.shape[1], attn.scale)
-        state.add_cross_attention(layer, queries, keys, flat_queries, attn.scale, self._layer_context_keys(layer, attn, hidden))
+        bias = None if attention_mask is None else _key_bias(layer, attention_mask[self._rows], keys.shape[-2])
+        state.add_cross_attention(layer, queries, keys, flat_queries, attn.scale, self._layer_context_keys(layer, attn, hidden), bias)
 
     def _layer_context_keys(self, layer, attn, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """phrase -> W_k X' [heads, m, d] for this layer, computed on its first call only (X' never changes)."""
@@ -207,6 +211,14 @@ def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) ->
                          "only transformer-block attention ([batch, positions, channels]) can be traced")
 
 
+def _key_bias(layer: AttentionLayer, mask: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The additive mask a model applies over its keys (PixArt's T5 padding: 0 or -10000), as [N, 1, 1, n]."""
+    if mask.ndim != 3 or mask.shape[1] != 1 or mask.shape[-1] != num_keys or mask.dtype == torch.bool:
+        raise ValueError(f"{layer.name} received an attention mask of shape {tuple(mask.shape)} and dtype {mask.dtype}; "
+                         f"only an additive key mask [batch, 1, {num_keys}] (as PixArt's) can be traced")
+    return mask[:, :, None, :].float()
+
+
 def _normed(attn, norm_name: str, tensor: torch.Tensor) -> torch.Tensor:
     norm = getattr(attn, norm_name, None)
     return norm(tensor) if norm is not None else tensor
@@ -229,7 +241,7 @@ def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], 
         contexts = {}
         for name, vectors in phrases.items():
             vectors = torch.as_tensor(vectors).detach().float().to(execution_device(pipe))
-            d_text = attention_layers(pipe.unet, "cross")[0].key_dim
+            d_text = attention_layers(denoiser(pipe), "cross")[0].key_dim
             if vectors.ndim != 2 or vectors.shape[-1] != d_text:
                 raise ValueError(f"context {name!r} must be vectors [m, {d_text}] (the model's conditioning size); "
                                  f"got shape {tuple(vectors.shape)}")
@@ -254,7 +266,7 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
 
     What is recorded is a :class:`TraceOptions`, passed whole or as its fields
     (``trace(pipe, per_head=True, queries=True)``); see its docstring for each field.
-    ``unet_calls``: for code that calls ``pipe.unet`` itself (as :func:`daamlib.attribute_image`): how many
+    ``unet_calls``: for code that calls the denoiser itself (as :func:`daamlib.attribute_image`): how many
     UNet calls make one record. The pipeline's per-call ``_num_timesteps`` and ``do_classifier_free_guidance``
     (stale or missing outside its ``__call__``) are then not read, so ``cfg`` must be given too.
     """
@@ -267,11 +279,17 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
     if unet_calls is not None and (type(unet_calls) is not int or unet_calls < 1 or options.cfg is None):
         raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
                          "(whether the batch is [uncond, cond]); the pipeline says so only inside its own call")
-    unet = pipe.unet
-    cross_layers = select_layers(attention_layers(unet, "cross"), options.layers)
+    unet = denoiser(pipe)
+    available = attention_layers(unet, "cross")
+    if not available:
+        raise NotImplementedError(f"{type(unet).__name__} has no cross-attention layers to trace (SD3's and Flux's joint "
+                                  "attention are not supported yet); daamlib traces SD 1.x/2.x/XL UNets and PixArt-α/Σ")
+    cross_layers = select_layers(available, options.layers)
     if options.query_layers is not None:
         select_layers(cross_layers, options.query_layers)  # validates the names
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
+    if options.self_attention and not self_layers:
+        raise ValueError(f"self_attention=True records the up blocks' self-attention of a UNet; {type(unet).__name__} has none")
     traced = cross_layers + self_layers
     context_keys = _encode_contexts(pipe, options.contexts, options.context_padding) if options.contexts else {}
     tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe), unet_calls)
@@ -281,7 +299,7 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
     for layer in traced:
         key = f"{layer.name}.processor"
         processors[key] = CaptureProcessor(layer, originals[key], tr)
-    handles = [unet.register_forward_pre_hook(tr.on_unet, with_kwargs=True)]
+    handles = [unet.register_forward_pre_hook(tr.on_denoiser, with_kwargs=True)]
     if getattr(pipe, "text_encoder", None) is not None:
         handles.append(pipe.text_encoder.register_forward_pre_hook(tr.on_text_encoder, with_kwargs=True))
     unet.set_attn_processor(processors)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from ..layout import split_heads
-from ..modules import check_same_model, project
+from ..modules import check_same_model, denoiser, project
 from ..record import Record
 from ..text import TextEncoder
 from ..tokens import PromptTokens
@@ -107,7 +107,7 @@ def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> to
         step_queries = queries_by_layer.get(meta.name)
         if not step_queries:
             continue
-        keys = project(pipe.unet.get_submodule(meta.name).to_k, key_embeddings)  # [m, inner]
+        keys = project(denoiser(pipe).get_submodule(meta.name).to_k, key_embeddings)  # [m, inner]
         keys = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]; W_k X' is the same every step
         steps_per_batch = max(1, budget // step_queries[0].numel())
         total = 0
