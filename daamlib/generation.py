@@ -64,6 +64,10 @@ def generate(
             call[name] = value
     if negative_prompt is not None:
         call["negative_prompt"] = _negatives(negative_prompt, len(prompts))
+    if "cfg" not in trace_kwargs and not hasattr(type(pipe), "do_classifier_free_guidance"):
+        # PixArt's pipeline keeps its CFG flag local; its rule is guidance_scale > 1
+        scale = call.get("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)
+        trace_kwargs["cfg"] = scale > 1
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     with trace(pipe, **trace_kwargs) as tr:
         output = pipe(prompt=prompts, generator=generator, num_images_per_prompt=num_images_per_prompt,

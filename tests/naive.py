@@ -21,10 +21,11 @@ class StoreEverything:
             k = attn.to_k(encoder_hidden_states)  # [B, n, inner]
             heads = attn.heads
             d = q.shape[-1] // heads
+            bias = 0 if attention_mask is None else attention_mask.float()  # PixArt: [B, 1, n], 0 or -10000
             probs = []
             for h in range(heads):
                 qh, kh = q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]
-                probs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d), dim=-1))
+                probs.append(torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(d) + bias, dim=-1))
             self.calls.append({"layer": self.name, "q": q.float().cpu(), "probs": torch.stack(probs, 1).float().cpu(),
                                "to_k": attn.to_k, "heads": heads})
         return out
@@ -32,7 +33,7 @@ class StoreEverything:
 
 def record_everything(pipe, run):
     """Run ``run()`` with StoreEverything on every cross-attention layer; return the calls."""
-    unet = pipe.unet
+    unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     originals = unet.attn_processors
     calls = []
     processors = {}

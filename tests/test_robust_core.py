@@ -185,8 +185,11 @@ def test_stored_context_maps_are_read_only_with_the_padding_they_were_attached_w
 
 
 def test_query_steps_are_checked_before_the_generation_runs(pipe):
-    for bad in ([], [-1], ["0"]):
-        with pytest.raises(ValueError, match="query_steps must be a non-empty list"):
+    for bad, error, message in (([], ValueError, r"query_steps=\[\] selects no step"),
+                                ([-1], IndexError, r"query_steps \[-1\] are negative"),
+                                (["0"], TypeError, r"query_steps are integer step indices"),
+                                ([1, 1], ValueError, r"query_steps \[1\] are repeated")):
+        with pytest.raises(error, match=message):
             daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=bad)
     with pytest.raises(TypeError, match=r"query_steps=\[0\]"):
         daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, queries=True, query_steps=0)

@@ -38,7 +38,7 @@ def test_daam_empty_layer_list_is_an_error_not_a_crash(record):
 
 def test_daam_layer_name_as_a_bare_string(record):
     name = record.cross_layers[0].name
-    with pytest.raises(TypeError, match="wrap it: layers="):
+    with pytest.raises(TypeError, match=r"wrap one layer: layers=\["):
         daamlib.daam(record, "car", layers=name)
     assert torch.allclose(daamlib.daam(record, "car", layers=[name]), daamlib.daam(record, "car", layers=(name,)))
 
@@ -64,10 +64,12 @@ def test_daam_repeated_steps_are_not_double_counted(record):
 def test_daam_steps_must_be_a_list_of_ints(record):
     with pytest.raises(TypeError, match=r"wrap one step: steps=\[1\]"):
         daamlib.daam(record, "car", steps=1)
-    with pytest.raises(TypeError, match="integer indices"):
+    with pytest.raises(TypeError, match="integer step indices"):
         daamlib.daam(record, "car", steps=[0.5])
     n = record.num_steps
     with pytest.raises(IndexError, match=rf"outside the record's {n} steps \(0..{n - 1}\)"):
+        daamlib.daam(record, "car", steps=[n])
+    with pytest.raises(IndexError, match=r"steps \[-1\] are negative"):
         daamlib.daam(record, "car", steps=[-1])
     # numpy integers are fine, and all steps equal no filter
     assert torch.allclose(daamlib.daam(record, "car", steps=np.arange(n)), daamlib.daam(record, "car"), rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Attention layers of a diffusers UNet, named by their module path."""
+"""Attention layers of a diffusers denoiser (UNet or DiT transformer), named by their module path."""
 
 from __future__ import annotations
 
@@ -68,10 +68,8 @@ def select_layers(
     for name in names:
         if name not in by_name:
             listing = "\n  ".join(by_name)
-            raise KeyError(f"{name!r} is not an attention layer of this UNet; choose from:\n  {listing}")
+            raise KeyError(f"{name!r} is not an attention layer of this model; choose from:\n  {listing}")
         chosen.append(by_name[name])
-    if not chosen:
-        raise ValueError("layers is empty; pass None to trace every layer")
     return chosen
 
 

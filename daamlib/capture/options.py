@@ -8,6 +8,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..layout import check_upsample_mode
+from ..selection import layer_names, step_indices
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class TraceOptions:
         if not isinstance(self.query_dtype, torch.dtype) or not self.query_dtype.is_floating_point:
             raise ValueError(f"query_dtype must be a floating dtype such as torch.float16, not {self.query_dtype}")
         for name in ("layers", "query_layers"):
-            object.__setattr__(self, name, _names(name, getattr(self, name)))
-        object.__setattr__(self, "query_steps", _steps(self.query_steps))
+            object.__setattr__(self, name, layer_names(getattr(self, name), name))
+        object.__setattr__(self, "query_steps", step_indices(self.query_steps, "query_steps"))
         if isinstance(self.contexts, str):
             raise ValueError(f"contexts must be a list of phrases, not the string {self.contexts!r}; "
                              f"pass contexts=[{self.contexts!r}]")
@@ -81,23 +82,3 @@ class TraceOptions:
     @classmethod
     def field_names(cls) -> set[str]:
         return {field.name for field in fields(cls)}
-
-
-def _names(name: str, values) -> tuple[str, ...] | None:
-    if values is None:
-        return None
-    if isinstance(values, str):
-        raise TypeError(f"{name} is a list of module paths; wrap one layer: {name}=[{values!r}]")
-    return tuple(values)
-
-
-def _steps(steps) -> tuple[int, ...] | None:
-    if steps is None:
-        return None
-    if isinstance(steps, (str, int)):
-        raise TypeError(f"query_steps is a list of step indices; wrap one step: query_steps=[{steps!r}]")
-    steps = tuple(int(step) if hasattr(step, "__index__") and not isinstance(step, bool) else step for step in steps)
-    if not steps or any(isinstance(step, bool) or not isinstance(step, int) or step < 0 for step in steps):
-        raise ValueError(f"query_steps must be a non-empty list of step indices (0 = first step), not {list(steps)!r}; "
-                         "None caches every step")
-    return steps

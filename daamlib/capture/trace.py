@@ -110,8 +110,13 @@ class Trace:
 
     def _expected_steps(self) -> int | None:
         """How many UNet calls this generation makes (diffusers sets it before its denoising loop)."""
-        steps, timesteps = self.unet_calls or getattr(self.pipe, "_num_timesteps", None), getattr(self.pipe.scheduler, "timesteps", None)
-        return steps if steps is not None or timesteps is None else len(timesteps)
+        if self.unet_calls is not None:
+            return self.unet_calls
+        steps = getattr(self.pipe, "_num_timesteps", None)  # PixArt's pipeline does not set it
+        if steps is not None:
+            return steps
+        timesteps = getattr(self.pipe.scheduler, "timesteps", None)
+        return None if timesteps is None else len(timesteps)
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
         calls, self._encoder_ids = self._encoder_ids, []

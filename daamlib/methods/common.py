@@ -11,6 +11,7 @@ import torch
 
 from ..record import LayerMeta, Record
 from ..layout import resize, unflatten_positions
+from ..selection import layer_names, step_indices
 
 
 def check_record(record: Record, function: str = "this method") -> None:
@@ -32,27 +33,12 @@ def chosen_layers(record: Record, layers: Sequence[str] | None, available: Itera
         if not cross:
             raise KeyError("the record holds no cross-attention maps of the kind this method needs")
         return cross
-    wanted = _name_list(layers)
+    wanted = layer_names(layers)
     names = {layer.name for layer in cross}
     unknown = [name for name in wanted if name not in names]
     if unknown:
         raise KeyError(f"layers {unknown} are not in this record; recorded: {sorted(names)}")
     return [layer for layer in cross if layer.name in set(wanted)]
-
-
-def _name_list(layers) -> list[str]:
-    if isinstance(layers, str):
-        raise TypeError(f"layers is a list of layer names; got the string {layers!r} (wrap it: layers=[{layers!r}])")
-    try:
-        wanted = list(layers)
-    except TypeError:
-        raise TypeError(f"layers is a list of layer names or None; got {type(layers).__name__}") from None
-    if not wanted:
-        raise ValueError("layers=[] selects no layer; pass None for every recorded layer, or some layer names")
-    bad = [name for name in wanted if not isinstance(name, str)]
-    if bad:
-        raise TypeError(f"layer names are strings such as 'up_blocks.1.attentions.0.transformer_blocks.0.attn2'; got {bad}")
-    return wanted
 
 
 def sum_upsampled(
@@ -71,27 +57,8 @@ def sum_upsampled(
 
 def select_steps(record: Record, steps: Sequence[int] | None) -> list[int]:
     """Step indices 0..T-1 to aggregate (all when None); empty, repeated or out-of-range selections raise."""
-    if steps is None:
-        return list(range(record.num_steps))
-    if isinstance(steps, (str, bytes)) or isinstance(steps, numbers.Number):
-        raise TypeError(f"steps is a list of step indices or None; got {steps!r} (wrap one step: steps=[{steps!r}])")
-    try:
-        chosen = list(steps)
-    except TypeError:
-        raise TypeError(f"steps is a list of step indices or None; got {type(steps).__name__}") from None
-    if not chosen:
-        raise ValueError("steps=[] selects no step (the heatmap would be all zeros); pass None for every step")
-    bad_type = [s for s in chosen if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
-    if bad_type:
-        raise TypeError(f"steps are integer indices 0..{record.num_steps - 1}; got {bad_type}")
-    chosen = [int(s) for s in chosen]
-    bad = [s for s in chosen if not 0 <= s < record.num_steps]
-    if bad:
-        raise IndexError(f"steps {bad} are outside the record's {record.num_steps} steps (0..{record.num_steps - 1})")
-    repeated = sorted({s for s in chosen if chosen.count(s) > 1})
-    if repeated:
-        raise ValueError(f"steps {repeated} are repeated; each step is counted once, so list it once")
-    return chosen
+    chosen = step_indices(steps, "steps", record.num_steps)
+    return list(range(record.num_steps)) if chosen is None else list(chosen)
 
 
 def token_count(record: Record) -> int | None:
