@@ -37,7 +37,7 @@ def attention_layers(unet: torch.nn.Module, kind: AttentionKind | None = "cross"
     layers = []
     for position, name in enumerate(names):
         module = unet.get_submodule(name)
-        layer_kind: AttentionKind = "cross" if module.is_cross_attention else "self"
+        layer_kind: AttentionKind = "cross" if getattr(module, "is_cross_attention", False) else "self"
         if kind is not None and layer_kind != kind:
             continue
         inner_dim = module.to_q.out_features
