@@ -126,3 +126,15 @@ def test_joint_attention_models_are_refused_not_traced_wrongly(name):
     pipe = SimpleNamespace(transformer=published_transformer_on_meta(name))
     with pytest.raises(NotImplementedError, match="joint attention"):
         daamlib.trace(pipe).__enter__()
+
+
+def test_load_pipeline_loads_a_saved_pixart_and_its_records_name_it(pixart, tmp_path):
+    pixart.save_pretrained(tmp_path / "pixart")
+    loaded = daamlib.load_pipeline(tmp_path / "pixart", device="cpu")
+    assert type(loaded).__name__ == "PixArtAlphaPipeline"
+    loaded.set_progress_bar_config(disable=True)
+    (ours,) = daamlib.generate(loaded, PROMPT, seed=0, num_inference_steps=2, height=HEIGHT, width=WIDTH, pipe_kwargs=CALL)
+    (theirs,) = daamlib.generate(pixart, PROMPT, seed=0, num_inference_steps=2, height=HEIGHT, width=WIDTH, pipe_kwargs=CALL)
+    assert np.array_equal(ours.image, theirs.image)
+    assert torch.allclose(daamlib.daam(ours, "tree"), daamlib.daam(theirs, "tree"))
+    daamlib.modules.check_same_model(ours.meta.model_fingerprint, pixart)  # raises if the fingerprints differ
