@@ -36,7 +36,7 @@ class LayerMeta:
     """A traced attention layer as it ran for this image."""
 
     name: str
-    kind: str  # "cross" or "self"
+    kind: str  # "cross", "joint" (SD3: the text columns of its [image, text] softmax) or "self"
     heads: int
     head_dim: int
     resolution: tuple[int, int]  # (h_l, w_l)
@@ -214,7 +214,8 @@ class Record:
 
     @property
     def cross_layers(self) -> list[LayerMeta]:
-        return [layer for layer in self.meta.layers if layer.kind == "cross"]
+        """Layers whose maps hold image-query attention to the text tokens (cross or joint attention)."""
+        return [layer for layer in self.meta.layers if layer.kind in ("cross", "joint")]
 
     @property
     def num_steps(self) -> int:

@@ -31,6 +31,30 @@ class StoreEverything:
         return out
 
 
+class StoreJoint:
+    """SD3's joint attention recomputed plainly: the full softmax over [image keys, text keys] for every
+    image query, per head; keeps its text columns as ``probs`` [B, heads, hw, n]."""
+
+    def __init__(self, name, original, calls):
+        self.name, self.original, self.calls = name, original, calls
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        with torch.no_grad():
+            heads, hw = attn.heads, hidden_states.shape[1]
+            q, k, kt = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states)
+            d = q.shape[-1] // heads
+            probs = []
+            for h in range(heads):
+                qh, kh, kth = (x[..., h * d:(h + 1) * d] for x in (q, k, kt))
+                if attn.norm_q is not None:
+                    qh, kh, kth = attn.norm_q(qh), attn.norm_k(kh), attn.norm_added_k(kth)
+                full = torch.softmax(qh @ torch.cat([kh, kth], dim=1).transpose(1, 2) / math.sqrt(d), dim=-1)
+                probs.append(full[:, :, hw:])  # [B, hw, n]
+            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu()})
+        return out
+
+
 def record_everything(pipe, run):
     """Run ``run()`` with StoreEverything on every cross-attention layer; return the calls."""
     unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
@@ -39,7 +63,12 @@ def record_everything(pipe, run):
     processors = {}
     for key, proc in originals.items():
         name = key[: -len(".processor")]
-        processors[key] = StoreEverything(name, proc, calls) if name.endswith("attn2") else proc
+        if name.endswith("attn2"):
+            processors[key] = StoreEverything(name, proc, calls)
+        elif getattr(unet.get_submodule(name), "add_k_proj", None) is not None:  # SD3 joint attention
+            processors[key] = StoreJoint(name, proc, calls)
+        else:
+            processors[key] = proc
     unet.set_attn_processor(processors)
     try:
         output = run()

@@ -29,7 +29,7 @@ def pipes():
 @pytest.mark.parametrize("option", list(OPTIONS))
 def test_no_host_sync_inside_a_traced_generation(pipes, monkeypatch, option):
     _, gpu = pipes
-    for name in ("on_denoiser", "on_text_encoder", "observe_cross_attention", "observe_self_attention"):
+    for name in ("on_denoiser", "on_text_encoder", "observe_cross_attention", "observe_joint_attention", "observe_self_attention"):
         original = getattr(Trace, name)
 
         def strict(self, *args, _original=original, **kwargs):

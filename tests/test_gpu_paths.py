@@ -23,7 +23,7 @@ OPTIONS = {
     "self_attention": {"self_attention": True},
     "contexts": {"contexts": ["a tree on a sidewalk"]},
 }
-HOOKS = ("on_denoiser", "on_text_encoder", "observe_cross_attention", "observe_self_attention")
+HOOKS = ("on_denoiser", "on_text_encoder", "observe_cross_attention", "observe_joint_attention", "observe_self_attention")
 
 
 class HostReads(TorchDispatchMode):

@@ -33,7 +33,8 @@ class GenerationState:
     options: TraceOptions
     num_images: int
     latent_size: tuple[int, int]
-    prompt_ids: torch.Tensor | None  # [prompts, n] token ids of the traced branch, None for embeddings
+    token_streams: list[tuple[torch.Tensor, object]]  # ([prompts, n_i] ids of the traced branch, tokenizer) in the
+    # order the denoiser reads them (SD3: CLIP then T5); empty when the prompt came as embeddings
     text_embeddings: torch.Tensor  # [num_images, n, d_text]
     expected_steps: int | None  # UNet calls of this generation, as the pipeline announced them
     timesteps: list[torch.Tensor] = field(default_factory=list)  # 0-d, one per UNet call
@@ -88,13 +89,7 @@ class GenerationState:
         queries32 = queries.float()
         if options.daam:
             logits = queries32 @ keys.float().transpose(-1, -2) * scale  # [N, heads, hw, n]
-            probs = torch.softmax(logits if key_bias is None else logits + key_bias, dim=-1)
-            head_sum = probs.sum(dim=1)  # [N, hw, n]
-            _add(self.daam, name, head_sum)
-            if options.per_head:
-                _add(self.daam_heads, name, probs)
-            if options.per_step:
-                self.daam_steps.setdefault(name, []).append(head_sum)
+            self._add_maps(name, torch.softmax(logits if key_bias is None else logits + key_bias, dim=-1))
         if options.linear:
             _add(self.query_sums, name, flat_queries.float())
         if options.wants_queries(name, self.step):
@@ -103,6 +98,32 @@ class GenerationState:
             logits = queries32 @ phrase_keys.float().transpose(-1, -2).unsqueeze(0) * scale
             maps = self.contexts.setdefault(phrase, {})
             _add(maps, name, torch.softmax(logits, dim=-1).sum(dim=1))  # [N, hw, m]
+
+    def add_joint_attention(
+        self,
+        layer: AttentionLayer,
+        queries: torch.Tensor,  # [N, heads, hw, head_dim] image queries
+        image_keys: torch.Tensor,  # [N, heads, hw, head_dim]
+        text_keys: torch.Tensor,  # [N, heads, n, head_dim]
+        scale: float,
+    ) -> None:
+        """The text columns of the softmax over [image keys, text keys] that SD3's joint attention computes."""
+        queries32 = queries.float()
+        text_logits = queries32 @ text_keys.float().transpose(-1, -2) * scale  # [N, heads, hw, n]
+        image_normalizer = torch.cat([  # log-sum-exp over the image keys, one head at a time ([hw, hw] each)
+            torch.logsumexp(queries32[:, h : h + 1] @ image_keys[:, h : h + 1].float().transpose(-1, -2) * scale, dim=-1)
+            for h in range(queries.shape[1])], dim=1)  # [N, heads, hw]
+        normalizer = torch.logaddexp(image_normalizer, torch.logsumexp(text_logits, dim=-1))
+        self._add_maps(layer.name, torch.exp(text_logits - normalizer[..., None]))
+
+    def _add_maps(self, name: str, probs: torch.Tensor) -> None:
+        """Accumulate one call's attention to the text keys [N, heads, hw, n] as the options ask."""
+        head_sum = probs.sum(dim=1)  # [N, hw, n]
+        _add(self.daam, name, head_sum)
+        if self.options.per_head:
+            _add(self.daam_heads, name, probs)
+        if self.options.per_step:
+            self.daam_steps.setdefault(name, []).append(head_sum)
 
     def set_self_attention(self, layer: AttentionLayer, head_outputs: torch.Tensor) -> None:
         self.self_attention[layer.name] = head_outputs.float()  # [N, heads, hw, head_dim]
@@ -113,7 +134,6 @@ class GenerationState:
         key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]],
         contexts: dict[str, ContextKeys],
         provenance: dict,
-        tokenizer,
     ) -> list[Record]:
         """Split the batched sums into one :class:`Record` per image.
 
@@ -122,7 +142,7 @@ class GenerationState:
         if self.text_embeddings.is_cuda:
             torch.cuda.synchronize(self.text_embeddings.device)  # non-blocking copies into pinned host memory have landed
         linear_matrix, linear_bias = self._collapse_linear(key_parameters)
-        tokens = self._image_tokens(tokenizer)
+        tokens = self._image_tokens()
         timesteps = [float(t) for t in self.timesteps]
         records = []
         for index in range(self.num_images):
@@ -159,12 +179,24 @@ class GenerationState:
             )
         return records
 
-    def _image_tokens(self, tokenizer) -> list[PromptTokens] | None:
-        """The traced branch's prompt tokens per image (diffusers repeats each prompt consecutively)."""
-        if self.prompt_ids is None:
+    def _image_tokens(self) -> list[PromptTokens] | None:
+        """The traced branch's prompt tokens per image (diffusers repeats each prompt consecutively).
+
+        Streams are joined in order; positions no stream covers (SD3 without its T5 encoder feeds zeros
+        there) are named ``<pad>``."""
+        if not self.token_streams:
             return None
-        prompts = [PromptTokens.from_ids(ids, tokenizer) for ids in self.prompt_ids.cpu().tolist()]
-        for tokens in prompts:
+        num_tokens = self.text_embeddings.shape[1]
+        streams = [[PromptTokens.from_ids(ids, tokenizer) for ids in stream_ids.cpu().tolist()]
+                   for stream_ids, tokenizer in self.token_streams]
+        prompts = []
+        for per_stream in zip(*streams):
+            ids = [i for tokens in per_stream for i in tokens.ids]
+            strings = [s for tokens in per_stream for s in tokens.strings]
+            added = [a for tokens in per_stream for a in tokens.added_tokens]
+            missing = num_tokens - len(ids)
+            prompts.append(PromptTokens(tuple(ids + [0] * missing), tuple(strings + ["<pad>"] * missing), tuple(added)))
+        for tokens in streams[0]:
             if tokens.maybe_truncated:
                 warnings.warn(
                     f"the prompt fills all {tokens.length} text-encoder tokens and may have been "

@@ -8,7 +8,8 @@ from typing import Iterable, Literal
 
 import torch
 
-AttentionKind = Literal["cross", "self"]
+AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read yet (Flux's)
+TEXT_KINDS = ("cross", "joint")  # image queries attend to text keys: cross-attention, or MM-DiT joint attention
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _PROCESSOR_SUFFIX = ".processor"
 
@@ -21,25 +22,27 @@ class AttentionLayer:
     """
 
     name: str
-    kind: AttentionKind
+    kind: AttentionKind  # "joint": SD3's [image, text] attention; its text keys come from the block's text stream
     heads: int
     head_dim: int
-    key_dim: int  # dimension of what the keys are projected from (d_text for cross-attention)
+    key_dim: int  # dimension of what the text keys are projected from (d_text for cross-attention)
 
     @property
     def block(self) -> str:
         return self.name.split(".")[0]
 
 
-def attention_layers(unet: torch.nn.Module, kind: AttentionKind | None = "cross") -> list[AttentionLayer]:
-    """The UNet's attention layers of ``kind`` (``None`` for both), in U-Net order: down, mid, up."""
+def attention_layers(unet: torch.nn.Module, kind: AttentionKind | Literal["text"] | None = "text") -> list[AttentionLayer]:
+    """The denoiser's attention layers of ``kind``: "text" (the default) for those whose image queries attend
+    to text (cross and joint), one kind, or ``None`` for all; in U-Net order (down, mid, up), else module order."""
     names = [key[: -len(_PROCESSOR_SUFFIX)] for key in unet.attn_processors]
     layers = []
     for position, name in enumerate(names):
         module = unet.get_submodule(name)
-        layer_kind: AttentionKind = "cross" if getattr(module, "is_cross_attention", False) else "self"
-        if kind is not None and layer_kind != kind:
+        layer_kind = _kind(module)
+        if kind is not None and layer_kind != kind and not (kind == "text" and layer_kind in TEXT_KINDS):
             continue
+        text_keys = module.add_k_proj if layer_kind == "joint" else module.to_k
         inner_dim = module.to_q.out_features
         layers.append(
             (
@@ -50,11 +53,21 @@ def attention_layers(unet: torch.nn.Module, kind: AttentionKind | None = "cross"
                     kind=layer_kind,
                     heads=module.heads,
                     head_dim=inner_dim // module.heads,
-                    key_dim=module.to_k.in_features,
+                    key_dim=text_keys.in_features,
                 ),
             )
         )
     return [layer for _, _, layer in sorted(layers, key=lambda item: item[:2])]
+
+
+def _kind(module: torch.nn.Module) -> AttentionKind:
+    from diffusers.models.attention_processor import Attention
+
+    if not isinstance(module, Attention):  # e.g. FluxAttention: [text, image] order, rotary embeddings
+        return "other"
+    if getattr(module, "add_k_proj", None) is not None:  # SD3's JointAttnProcessor2_0: [image, text]
+        return "joint"
+    return "cross" if module.is_cross_attention else "self"
 
 
 def select_layers(

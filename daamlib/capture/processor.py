@@ -30,6 +30,8 @@ class CaptureProcessor:
         with torch.no_grad():
             if self.layer.kind == "cross":
                 self.trace.observe_cross_attention(self.layer, attn, hidden_states, encoder_hidden_states, attention_mask)
+            elif self.layer.kind == "joint":
+                self.trace.observe_joint_attention(self.layer, attn, hidden_states, encoder_hidden_states)
             else:
                 self.trace.observe_self_attention(self.layer, attn, hidden_states, attention_mask)
         return output

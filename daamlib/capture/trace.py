@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import contextmanager
+from functools import partial
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -46,7 +47,7 @@ class Trace:
         self._records: list[Record] = []
         self._finished: list[GenerationState] = []  # generations whose records are not built yet
         self._current: GenerationState | None = None
-        self._encoder_ids: list[torch.Tensor] = []  # [prompts, n] per text-encoder call since the last UNet call
+        self._encoder_ids: dict[str, list[torch.Tensor]] = {}  # encoder -> [prompts, n] per call since the last denoiser call
         self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
         self._rows = slice(0, 0)
         self._capture_self_attention = False
@@ -60,10 +61,11 @@ class Trace:
         return list(self._records)
 
     # -- hooks --------------------------------------------------------------------------------
-    def on_text_encoder(self, module, args, kwargs) -> None:
+    def on_text_encoder(self, encoder: str, module, args, kwargs) -> None:
+        """Keeps the ids ``pipe.<encoder>`` sees (diffusers encodes the prompt, then the negative prompt)."""
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is not None:
-            self._encoder_ids.append(input_ids.detach())  # diffusers encodes the prompt, then the negative prompt
+            self._encoder_ids.setdefault(encoder, []).append(input_ids.detach())
 
     def on_denoiser(self, module, args, kwargs) -> None:
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments  # UNet and DiT order their inputs differently
@@ -119,13 +121,12 @@ class Trace:
         return None if timesteps is None else len(timesteps)
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
-        calls, self._encoder_ids = self._encoder_ids, []
-        if cfg and self.options.branch == "uncond":
-            prompt_ids = calls[1] if len(calls) > 1 else None  # the negative prompt; None when given as embeddings
-        else:
-            prompt_ids = calls[0] if calls else None
-        if prompt_ids is not None and num_images % prompt_ids.shape[0]:
-            raise ValueError(f"{num_images} images cannot come from {prompt_ids.shape[0]} prompts")
+        encoder_calls, self._encoder_ids = self._encoder_ids, {}
+        call = 1 if cfg and self.options.branch == "uncond" else 0  # the negative prompt is encoded second
+        token_streams = [(encoder_calls[name][call], getattr(self.pipe, tokenizer)) for name, tokenizer in _token_streams(self.pipe)
+                         if len(encoder_calls.get(name, [])) > call]  # none when the prompt came as embeddings
+        if token_streams and num_images % token_streams[0][0].shape[0]:
+            raise ValueError(f"{num_images} images cannot come from {token_streams[0][0].shape[0]} prompts")
         expected_steps = self._expected_steps()
         wanted = self.options.query_steps if self.options.queries else None
         if wanted and expected_steps is not None and max(wanted) >= expected_steps:
@@ -136,7 +137,7 @@ class Trace:
             options=self.options,
             num_images=num_images,
             latent_size=latent_size,
-            prompt_ids=prompt_ids,
+            token_streams=token_streams,
             text_embeddings=conditioning(self.pipe, context[rows].detach()).float(),
             expected_steps=expected_steps,
         )
@@ -162,7 +163,7 @@ class Trace:
                 "scheduler": type(self.pipe.scheduler).__name__,
                 "image_size": _image_size(self.pipe, state.latent_size),
             }
-            self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance, self.pipe.tokenizer))
+            self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance))
 
     def _key_parameters(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         return linear_parameters(self.denoiser.get_submodule(layer).to_k, device)
@@ -191,6 +192,18 @@ class Trace:
             }
         return self._context_keys[layer.name]
 
+    def observe_joint_attention(self, layer, attn, hidden_states, encoder_hidden_states) -> None:
+        """SD3: ``hidden_states`` [B, hw, C] image stream, ``encoder_hidden_states`` [B, n, C] this block's text stream."""
+        state = self._require_state(layer)
+        _check_token_sequence(layer, hidden_states)
+        hidden = hidden_states[self._rows]  # [N, hw, C]
+        text = encoder_hidden_states[self._rows]  # [N, n, C]
+        queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden), attn.heads))  # [N, heads, hw, d]
+        image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden), attn.heads))  # [N, heads, hw, d]
+        text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(text), attn.heads))  # [N, heads, n, d]
+        state.register_layer(layer, hidden.shape[1], attn.scale)
+        state.add_joint_attention(layer, queries, image_keys, text_keys, attn.scale)
+
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
         if not self._capture_self_attention:
@@ -214,6 +227,15 @@ def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) ->
     if hidden_states.ndim != 3:
         raise ValueError(f"{layer.name} got hidden states of shape {tuple(hidden_states.shape)}; "
                          "only transformer-block attention ([batch, positions, channels]) can be traced")
+
+
+def _token_streams(pipe) -> list[tuple[str, str]]:
+    """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
+    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5."""
+    streams = [("text_encoder", "tokenizer")]
+    if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
+        streams.append(("text_encoder_3", "tokenizer_3"))
+    return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]
 
 
 def _key_bias(layer: AttentionLayer, mask: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -285,11 +307,14 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
                          "(whether the batch is [uncond, cond]); the pipeline says so only inside its own call")
     unet = denoiser(pipe)
-    available = attention_layers(unet, "cross")
+    available = attention_layers(unet, "text")
     if not available:
-        raise NotImplementedError(f"{type(unet).__name__} has no cross-attention layers to trace (SD3's and Flux's joint "
-                                  "attention are not supported yet); daamlib traces SD 1.x/2.x/XL UNets and PixArt-α/Σ")
+        raise NotImplementedError(f"{type(unet).__name__} has no cross- or joint-attention layers daamlib can read (Flux's "
+                                  "attention is not supported yet); daamlib traces SD 1.x/2.x/XL UNets, PixArt-α/Σ and SD3")
     cross_layers = select_layers(available, options.layers)
+    if any(layer.kind == "joint" for layer in cross_layers) and (options.linear or options.queries or options.contexts):
+        raise ValueError("linear=, queries= and contexts= need one conditioning space that every layer's keys read; in SD3's "
+                         "joint attention each block projects its own text stream, so only daam, per_head and per_step apply")
     if options.query_layers is not None:
         select_layers(cross_layers, options.query_layers)  # validates the names
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
@@ -305,8 +330,8 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         key = f"{layer.name}.processor"
         processors[key] = CaptureProcessor(layer, originals[key], tr)
     handles = [unet.register_forward_pre_hook(tr.on_denoiser, with_kwargs=True)]
-    if getattr(pipe, "text_encoder", None) is not None:
-        handles.append(pipe.text_encoder.register_forward_pre_hook(tr.on_text_encoder, with_kwargs=True))
+    for encoder, _ in _token_streams(pipe):
+        handles.append(getattr(pipe, encoder).register_forward_pre_hook(partial(tr.on_text_encoder, encoder), with_kwargs=True))
     unet.set_attn_processor(processors)
     try:
         yield tr
