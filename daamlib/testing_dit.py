@@ -2,14 +2,15 @@
 
 * ``build_t5_tokenizer``: a T5-style tokenizer (SentencePiece Unigram, ``▁`` marks a word start, ``</s>``
   appended) trained on the spot on a built-in corpus of captions;
-* ``tiny_random_pixart_pipeline`` / ``tiny_random_sd3_pipeline`` / ``tiny_random_flux_pipeline``: pipelines of
-  a few hundred kilobytes of transformer that generate on a CPU in about a second;
+* ``tiny_random_pixart_pipeline`` / ``tiny_random_sd3_pipeline`` / ``tiny_random_flux_pipeline``: transformers
+  of 17k–80k parameters that generate 32-px images on a CPU in about a second;
 * ``sharpen_attention``: random weights give near-uniform attention; scaling queries and keys makes it peaked;
 * ``published_transformer_on_meta``: the published transformers (PixArt-α 512, SD3-medium, Flux-dev) on the
   meta device: their modules and shapes, no weights, nothing downloaded.
 
-Tiny PixArt pipelines must be called with ``use_resolution_binning=False``: the pipeline bins sizes only for
-transformers of ``sample_size`` 32, 64 or 128 (256, 512, 1024 px) and raises otherwise."""
+Sizes are multiples of 4 px (VAE factor 2 × patch 2). Call tiny PixArt pipelines with
+``use_resolution_binning=False``: the pipeline bins sizes only for ``sample_size`` 32, 64 or 128 (256, 512,
+1024 px) and raises otherwise."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from functools import lru_cache
 import torch
 from diffusers import (
     AutoencoderKL,
-    DPMSolverMultistepScheduler,
+    DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -37,13 +38,17 @@ T5_MAX_LENGTH = 32  # positions of the tiny pipelines' T5 prompts (PixArt-α use
 T5_VOCAB_SIZE = 400  # an upper bound: the trainer keeps fewer pieces on a corpus this small
 T5_DIM, T5_HEADS, T5_LAYERS = 2 * TEXT_DIM, 4, 2  # SD3 pads CLIP-L ⊕ CLIP-G (2 × TEXT_DIM) to the T5 width
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
-_SCORE_DECIMALS = 6
+_SCORE_DECIMALS = 6  # piece scores are rounded to this many decimals (see _canonical_pieces)
 LATENT_CHANNELS = 4
+HEADS, HEAD_DIM = 2, 8  # the tiny transformers' attention (Flux: heads of FLUX_HEAD_DIM)
+INNER_DIM = HEADS * HEAD_DIM  # PixArt and SD3 project the text to this width too
 TINY_LATENT = 16  # latent side of the tiny transformers' default size (32 px with the factor-2 VAE)
 POS_EMBED_MAX = 32  # SD3's position grid in patches: latents up to 64 (128 px) a side
 FLUX_ROPE_AXES = (4, 6, 6)  # rotary dims for (text, row, column); they sum to the head dim (Flux-dev: 16, 56, 56)
+FLUX_HEAD_DIM = sum(FLUX_ROPE_AXES)
 SD3_VAE_FACTORS = dict(scaling_factor=1.5305, shift_factor=0.0609)  # those of the published VAEs
 FLUX_VAE_FACTORS = dict(scaling_factor=0.3611, shift_factor=0.1159)
+SHARPEN = 6.0  # a query/key factor that takes tiny models' attention entropy from ~1 to <= 0.5 of log(keys)
 FLUX_SCHEDULE = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                      max_image_seq_len=4096)
 
@@ -61,6 +66,7 @@ _EXTRA = ("the quick brown fox jumps over the lazy dog", "THE QUICK BROWN FOX JU
           "into the building", "a treelined street", "then the dog runs off the sidewalk", "roadside trees",
           "cats and dogs", "0 1 2 3 4 5 6 7 8 9 10 (a) [b] {c} d: e; f? g! h/i \"j\" k_l m=n o+p #q @r & %s * <t>")
 
+
 def _plural(word: str) -> str:
     irregular = {"person": "people", "child": "children", "woman": "women", "bus": "buses", "bench": "benches",
                  "traffic light": "traffic lights"}
@@ -71,8 +77,8 @@ def caption_corpus() -> list[str]:
     """Plain English captions of urban scenes, made deterministically from word lists (about 500 lines).
 
     HF's Unigram trainer seeds its pieces with substrings shared by at least two *distinct* words, so
-    each common word also appears inflected (plural, possessive): it then becomes one piece, while rare
-    words (``zebra``, ``umbrella``) stay split into several."""
+    each common word also appears inflected (plural, possessive, before punctuation): it then becomes one
+    piece, while rare words (``zebra``) stay split into several. As in T5, ``a`` is ``▁`` + ``a``."""
     lines = []
     for i, thing in enumerate(_THINGS):
         for j, place in enumerate(_PLACES):
@@ -97,6 +103,7 @@ def _canonical_pieces(backend) -> list[tuple[str, float]]:
 
 @lru_cache(maxsize=1)
 def _trained_t5_backend():
+    """The ``tokenizers.Tokenizer`` behind ``build_t5_tokenizer``, trained once per process (~50 ms)."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
     from tokenizers.models import Unigram
 
@@ -158,6 +165,7 @@ def tiny_vae(latent_channels: int = LATENT_CHANNELS, flow: dict | None = None) -
 
 
 def _finish(pipe, sharpen: float):
+    """Sharpen (unless 1), silence the progress bar, move to the CPU."""
     if sharpen != 1.0:
         sharpen_attention(pipe.transformer, sharpen)
     pipe.set_progress_bar_config(disable=True)
@@ -167,33 +175,35 @@ def _finish(pipe, sharpen: float):
 def tiny_random_pixart_pipeline(seed: int = 0, sample_size: int = TINY_LATENT, sharpen: float = 1.0,
                                 max_length: int = T5_MAX_LENGTH) -> PixArtAlphaPipeline:
     """PixArt-α-shaped: 2 blocks of self-attention (``attn1``, image tokens) then cross-attention (``attn2``,
-    T5 tokens), 2 heads × 8, patch 2, learned sigma (8 output channels for 4 latent ones).
+    T5 tokens, padding masked), 2 heads × 8, patch 2, learned sigma (8 output channels for 4 latent ones).
 
     ``use_additional_conditions`` is False, as in the 256 and 512 models (only the 1024 ones condition on
-    resolution and aspect ratio; the pipeline adds them only for ``sample_size`` 128). Call it with
-    ``use_resolution_binning=False`` (sizes are multiples of 4 px) and a ``max_sequence_length``."""
+    resolution and aspect ratio; the pipeline adds them only for ``sample_size`` 128). The scheduler is DDIM:
+    at ``num_inference_steps=1`` the pipeline takes the scheduler's x0 prediction, which DPM-Solver does not
+    return. Call it with ``use_resolution_binning=False`` and a ``max_sequence_length`` (default 120)."""
     torch.manual_seed(seed)
     tokenizer = build_t5_tokenizer(max_length)
     transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=LATENT_CHANNELS, out_channels=2 * LATENT_CHANNELS,
-        num_layers=2, cross_attention_dim=16, sample_size=sample_size, patch_size=2, caption_channels=T5_DIM,
-        use_additional_conditions=False,
+        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=LATENT_CHANNELS,
+        out_channels=2 * LATENT_CHANNELS, num_layers=2, cross_attention_dim=INNER_DIM, sample_size=sample_size,
+        patch_size=2, caption_channels=T5_DIM, use_additional_conditions=False,
     )
     pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=tiny_t5_encoder(tokenizer), vae=tiny_vae(),
-                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+                               transformer=transformer, scheduler=DDIMScheduler(clip_sample=False))
     return _finish(pipe, sharpen)
 
 
 def tiny_random_sd3_pipeline(seed: int = 0, sharpen: float = 1.0,
                              max_length: int = T5_MAX_LENGTH) -> StableDiffusion3Pipeline:
     """SD3-shaped: 2 joint (MM-DiT) blocks, 2 heads × 8, patch 2; text = 77 CLIP positions (CLIP-L ⊕ CLIP-G,
-    2 × 32 channels, zero-padded to T5's 64) followed by ``max_sequence_length`` T5 positions."""
+    2 × 32 channels, zero-padded to T5's 64) followed by ``max_sequence_length`` T5 positions (default 256),
+    none masked."""
     torch.manual_seed(seed)
     tokenizer_3 = build_t5_tokenizer(max_length)
     transformer = SD3Transformer2DModel(
         sample_size=TINY_LATENT, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        num_layers=2, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=T5_DIM,
-        caption_projection_dim=16, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=POS_EMBED_MAX,
+        num_layers=2, attention_head_dim=HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
+        caption_projection_dim=INNER_DIM, pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=POS_EMBED_MAX,
     )
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -207,13 +217,13 @@ def tiny_random_sd3_pipeline(seed: int = 0, sharpen: float = 1.0,
 def tiny_random_flux_pipeline(seed: int = 0, sharpen: float = 1.0, max_length: int = T5_MAX_LENGTH) -> FluxPipeline:
     """Flux-dev-shaped: 1 double-stream and 1 single-stream block, 2 heads × 16, guidance embedding; the
     transformer sees 2×2-packed latents (16 = 4 × 4 channels); text = T5 positions only (CLIP gives the
-    pooled vector). Sizes are multiples of 4 px."""
+    pooled vector), ``max_sequence_length`` of them (default 512), none masked."""
     torch.manual_seed(seed)
     tokenizer_2 = build_t5_tokenizer(max_length)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=T5_DIM, pooled_projection_dim=TEXT_DIM, guidance_embeds=True,
-        axes_dims_rope=FLUX_ROPE_AXES,
+        patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1,
+        attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
+        pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=FLUX_ROPE_AXES,
     )
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=tiny_vae(flow=FLUX_VAE_FACTORS),
