@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic file writes (a killed process leaves the old file or the new one, never half of one), and the one
+safetensors convention of records and optimized tokens: the ``.safetensors`` suffix is added when missing."""
 
 from __future__ import annotations
 
@@ -62,9 +63,36 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def safetensors_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``tensors`` atomically to ``path`` (``.safetensors`` added when missing); returns the path written."""
     from safetensors.torch import save_file
 
+    path = safetensors_path(path)
     with atomic_path(path) as temporary:
         save_file(tensors, temporary, metadata=metadata)
-    return Path(path)
+    return path
+
+
+def read_safetensors(path: str | os.PathLike, what: str, fix: str) -> tuple[Path, dict[str, str], dict]:
+    """``(path, metadata, tensors)`` of a file written by :func:`save_safetensors` (found also without its
+    suffix). A missing file raises ``FileNotFoundError``; a directory or damaged file a ``ValueError``
+    naming ``what`` it should hold and how to ``fix`` it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists() and safetensors_path(path).exists():
+        path = safetensors_path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the {what}'s .safetensors file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return path, handle.metadata() or {}, {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path} is not a readable {what} ({error}); {fix}") from error

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .io import save_safetensors
+from .io import read_safetensors, save_safetensors
 from .methods.linear import word_vector
 from .methods.protocol import vector_maps
 from .modules import check_same_model, execution_device, same_model
@@ -54,31 +54,19 @@ class OptimizedTokens:
         return self.vectors[0]
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: v for k, v in self.__dict__.items() if k != "vectors"}
-        save_safetensors({"vectors": self.vectors.detach().cpu().contiguous()}, path,
-                         {"daamlib": json.dumps({"format": _FORMAT_NAME, **meta})})
-        return path
+        return save_safetensors({"vectors": self.vectors.detach().cpu().contiguous()}, path,
+                                {"daamlib": json.dumps({"format": _FORMAT_NAME, **meta})})
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_model_id: str | None = None, *, pipe=None) -> "OptimizedTokens":
         """Read tokens written by :meth:`save`; ``pipe=`` checks they were optimized for its weights."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.exists() and path.with_name(path.name + ".safetensors").exists():
-            path = path.with_name(path.name + ".safetensors")
-        if not path.exists():
-            raise FileNotFoundError(f"no optimized tokens at {path}")
+        path, metadata, tensors = read_safetensors(path, "optimized tokens", "optimize them again")
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {}).get("daamlib", "{}"))
-                vectors = handle.get_tensor("vectors") if "vectors" in handle.keys() else None
-        except (SafetensorError, OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not a readable safetensors file ({error})") from error
+            meta = json.loads(metadata.get("daamlib", "{}"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a readable optimized-tokens file ({error}); optimize them again") from error
+        vectors = tensors.get("vectors")
         found = meta.pop("format", None)
         if found != _FORMAT_NAME or vectors is None:
             hint = "; it is a daamlib record: read it with daamlib.load_record" if found == "daamlib.record" else ""

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .io import save_safetensors
+from .io import read_safetensors, save_safetensors
 from .tokens import PromptTokens
 
 FORMAT_NAME = "daamlib.record"
@@ -234,15 +233,10 @@ class Record:
         """
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16 (or None to keep float32), not {dtype!r}")
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
         tensors = {name: _stored(t, dtype) for name, t in self._named_tensors().items()}
         if self.image is not None:
             tensors["image"] = torch.from_numpy(np.ascontiguousarray(self.image))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors(tensors, path, {_METADATA_KEY: self.meta.to_json()})
-        return path
+        return save_safetensors(tensors, path, {_METADATA_KEY: self.meta.to_json()})
 
     def _named_tensors(self) -> dict[str, torch.Tensor]:
         named: dict[str, torch.Tensor] = {}
@@ -276,25 +270,15 @@ class _WrongKind(Exception):
 
 def load_record(path: str | os.PathLike) -> Record:
     """Read a record written by :meth:`Record.save`; a damaged file raises a ``ValueError``."""
-    path = Path(path)
-    if not path.exists() and path.with_name(path.name + ".safetensors").exists():
-        path = path.with_name(path.name + ".safetensors")
-    if not path.exists():
-        raise FileNotFoundError(f"no record at {path}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; pass the record's .safetensors file")
+    fix = "it may be truncated or corrupt - regenerate it with the same seed"
+    path, metadata, tensors = read_safetensors(path, "daamlib record", fix)
     try:
-        with safe_open(path, framework="pt") as handle:
-            _check_kind(path, handle.metadata() or {})
-            meta = RecordMeta.from_json((handle.metadata() or {})[_METADATA_KEY])
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        _check_kind(path, metadata)
+        meta = RecordMeta.from_json(metadata[_METADATA_KEY])
     except _WrongKind as error:
         raise ValueError(str(error)) from None
-    except (SafetensorError, KeyError, ValueError, json.JSONDecodeError, TypeError, OSError) as error:
-        raise ValueError(
-            f"{path} is not a readable daamlib record ({error}); it may be truncated or corrupt - "
-            "regenerate it with the same seed"
-        ) from error
+    except (KeyError, ValueError, json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"{path} is not a readable daamlib record ({error}); {fix}") from error
     record = Record(meta=meta)
     for name, tensor in tensors.items():
         if name == "image":
