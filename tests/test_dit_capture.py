@@ -137,3 +137,14 @@ def test_load_pipeline_loads_a_saved_pixart_and_its_records_name_it(pixart, tmp_
     assert np.array_equal(ours.image, theirs.image)
     assert torch.allclose(daamlib.daam(ours, "tree"), daamlib.daam(theirs, "tree"))
     daamlib.modules.check_same_model(ours.meta.model_fingerprint, pixart)  # raises if the fingerprints differ
+
+
+def test_pixart_sigma_pipeline_is_traced_like_alpha(pixart):
+    from diffusers import PixArtSigmaPipeline
+
+    sigma = PixArtSigmaPipeline(**pixart.components)
+    sigma.set_progress_bar_config(disable=True)
+    (ours,) = daamlib.generate(sigma, PROMPT, seed=0, num_inference_steps=2, height=HEIGHT, width=WIDTH, pipe_kwargs=CALL)
+    (alpha,) = daamlib.generate(pixart, PROMPT, seed=0, num_inference_steps=2, height=HEIGHT, width=WIDTH, pipe_kwargs=CALL)
+    assert ours.tokens.text == PROMPT
+    assert torch.allclose(daamlib.daam(ours, "car"), daamlib.daam(alpha, "car"), rtol=1e-4, atol=1e-5)
