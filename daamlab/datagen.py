@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
-from daamlib.io import atomic_path, save_png, write_json
+from daamlib.io import save_png, write_json, write_parquet
 from daamlib.labels import (
     BACKGROUND,
     UNCERTAIN,
@@ -244,8 +244,7 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
     frame = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     frame["attributes"] = frame["attributes"].map(json.dumps)
     frame["words"] = frame["words"].map(list)
-    with atomic_path(path) as temporary:
-        frame.to_parquet(temporary, index=False)
+    write_parquet(frame, path)
 
 
 # -- what a folder was made from -------------------------------------------------------------------

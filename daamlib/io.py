@@ -54,6 +54,13 @@ def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
     return write_text(path, json.dumps(payload, indent=indent, default=str))
 
 
+def write_parquet(frame, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame as parquet, atomically, without its index."""
+    with atomic_path(path) as temporary:
+        frame.to_parquet(temporary, index=False)
+    return Path(path)
+
+
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     """Write ``array`` (uint8 [H, W] or [H, W, 3]) as a PNG."""
     from PIL import Image

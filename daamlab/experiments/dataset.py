@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
-from daamlib.io import atomic_path, save_png
+from daamlib.io import save_png, write_parquet
 from daamlib.record import Record, load_record
 from daamlab.toyworld.captions import thesis_prompt
 from daamlab.toyworld.labels import CLASS_WORD
@@ -143,8 +143,7 @@ class ThesisDataset:
 
 
 def write_manifest(directory: Path, manifest: pd.DataFrame) -> None:
-    with atomic_path(directory / "manifest.parquet") as temporary:
-        manifest.to_parquet(temporary, index=False)
+    write_parquet(manifest, directory / "manifest.parquet")
 
 
 def build_dataset(
