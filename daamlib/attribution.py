@@ -1,17 +1,19 @@
 """``attribute_image``: records of a real image (not generated). The VAE encodes it (the latent mean), one
 seeded noise draw noises it to each timestep (``add_noise`` of the training DDPM schedule, from the scheduler's
-config), the UNet runs once per timestep under a trace; a record sums over them as over a generation's steps."""
+config; for flow-matching models such as SD3, x_t = (1 - t/T) x_0 + (t/T) noise), the denoiser (a UNet, PixArt's
+or SD3's transformer) runs once per timestep under a trace; a record sums over them as over a generation's steps."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
 
 from .capture import trace
 from .generation import _negatives
-from .modules import execution_device
+from .modules import denoiser as denoiser_of, execution_device
 from .record import Record
 
 
@@ -22,8 +24,7 @@ def attribute_image(pipe, image, prompt: str | list[str], *, timesteps: int | li
     [negative prompt, prompt] as CFG does (only ``branch="uncond"`` needs it: the conditional half's attention
     is the same). ``trace_fields``: what to record (:class:`daamlib.TraceOptions`). Records carry the image,
     prompt, seed and timesteps."""
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "vae", None) is None:
-        raise NotImplementedError(f"attribute_image needs a UNet pipeline with a VAE; {type(pipe).__name__} has none")
+    family = _family(pipe)
     images = _images(image, getattr(pipe, "vae_scale_factor", 8))  # [N, H, W, 3]
     prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts) or len(prompts) != len(images):
@@ -40,22 +41,29 @@ def attribute_image(pipe, image, prompt: str | list[str], *, timesteps: int | li
         raise ValueError("attribute_image sets cfg itself: guidance_scale > 1 batches [negative prompt, prompt] (a "
                          "negative_prompt needs it); pass guidance_scale, not cfg")
     negatives = None if negative_prompt is None else _negatives(negative_prompt, len(prompts))
-    vae, unet, device = pipe.vae, pipe.unet, execution_device(pipe)
+    vae, unet, device = pipe.vae, denoiser_of(pipe), execution_device(pipe)
     if unet.config.in_channels != vae.config.latent_channels:  # an inpainting UNet also takes a mask and a masked image
         raise NotImplementedError(f"this UNet takes {unet.config.in_channels} channels, not the VAE's "
                                   f"{vae.config.latent_channels}; use a text-to-image UNet")
     from diffusers import DDPMScheduler  # here: import daamlib stays light
     with torch.no_grad():
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(device) * 2 - 1
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        latents = (mean - (getattr(vae.config, "shift_factor", None) or 0)) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(int(seed))).to(latents)
-        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
-        noisy = [schedule.add_noise(latents, noise, torch.full((len(images),), int(t), device=device)).to(unet.dtype) for t in steps]
+        if family == "sd3":  # rectified flow: t/T of the way from the image to the noise
+            fractions = [t / pipe.scheduler.config.num_train_timesteps for t in steps]
+            noisy = [((1 - f) * latents + f * noise).to(unet.dtype) for f in fractions]
+        else:
+            schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+            noisy = [schedule.add_noise(latents, noise, torch.full((len(images),), int(t), device=device)).to(unet.dtype)
+                     for t in steps]
         with trace(pipe, unet_calls=len(steps), cfg=cfg, **trace_fields) as tr:
-            context, added = _conditioning(pipe, prompts, negatives, cfg, device, tuple(images.shape[1:3]))
+            inputs = _conditioning(pipe, family, prompts, negatives, cfg, device, tuple(images.shape[1:3]))
             for t, sample in zip(steps, noisy):
-                unet(torch.cat([sample] * 2) if cfg else sample, torch.tensor(int(t), device=device),
-                     encoder_hidden_states=context.to(unet.dtype), added_cond_kwargs=added)
+                batch = torch.cat([sample] * 2) if cfg else sample
+                timestep = torch.full((len(batch),), float(t) if family == "sd3" else int(t), device=device)
+                unet(batch, timestep=timestep, **inputs)
     records, shown = tr.records, np.round(images * 255).astype(np.uint8)
     for index, record in enumerate(records):
         record.meta = replace(record.meta, seed=int(seed), prompt=prompts[index], image_size=tuple(images.shape[1:3]))
@@ -81,14 +89,45 @@ def _images(image, factor: int) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def _conditioning(pipe, prompts, negatives, cfg: bool, device, size):
-    """Text conditioning [batch, n, d] ([uncond x N, cond x N] with CFG, as diffusers batches it) and the UNet's
-    added conditioning (SDXL: pooled text and the size/crop ids of an uncropped image of this size)."""
+def _cfg_batch(cfg: bool, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+    return torch.cat([uncond, cond]) if cfg else cond
+
+
+def _family(pipe) -> str:
+    """Which denoiser inputs to build: "unet" (SD 1.x/2.x/XL), "pixart" or "sd3"."""
+    if getattr(pipe, "vae", None) is None:
+        raise NotImplementedError(f"attribute_image needs a pipeline with a VAE; {type(pipe).__name__} has none")
+    name = type(denoiser_of(pipe)).__name__
+    families = {"UNet2DConditionModel": "unet", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
+    if name not in families:
+        raise NotImplementedError(f"attribute_image runs SD 1.x/2.x/XL UNets, PixArt and SD3; not {name}")
+    return families[name]
+
+
+def _conditioning(pipe, family: str, prompts, negatives, cfg: bool, device, size) -> dict:
+    """The denoiser's inputs besides the sample and timestep: text conditioning [batch, n, d] ([uncond x N, cond x N]
+    with CFG, as diffusers batches it), and what each family adds: PixArt the T5 padding mask, SD3 the pooled text,
+    SDXL the pooled text and the size/crop ids of an uncropped image of this size."""
+    both = partial(_cfg_batch, cfg)
+    dtype = denoiser_of(pipe).dtype
+    if family == "pixart":
+        cond, mask, uncond, uncond_mask = pipe.encode_prompt(prompts, cfg, negative_prompt=negatives or "", device=device)
+        return {"encoder_hidden_states": both(cond, uncond).to(dtype), "encoder_attention_mask": both(mask, uncond_mask),
+                "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+    if family == "sd3":
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, None, device=device,
+                                                                 do_classifier_free_guidance=cfg, negative_prompt=negatives)
+        return {"encoder_hidden_states": both(cond, uncond).to(dtype), "pooled_projections": both(pooled, uncond_pooled).to(dtype)}
+    context, added = _unet_conditioning(pipe, prompts, negatives, cfg, device, size)
+    return {"encoder_hidden_states": context.to(dtype), "added_cond_kwargs": added}
+
+
+def _unet_conditioning(pipe, prompts, negatives, cfg: bool, device, size):
     kind = getattr(pipe.unet.config, "addition_embed_type", None)
     if kind not in (None, "text_time") or "requires_aesthetics_score" in pipe.config:  # SDXL img2img: other time ids
         raise NotImplementedError(f"attribute_image builds the added conditioning of SDXL's text-to-image pipeline only "
                                   f"(text_embeds, time_ids); {type(pipe).__name__} with addition_embed_type={kind!r} needs other inputs")
-    both = lambda cond, uncond: torch.cat([uncond, cond]) if cfg else cond  # noqa: E731
+    both = partial(_cfg_batch, cfg)
     if kind is None:
         return both(*pipe.encode_prompt(prompts, device, 1, cfg, negatives)), None
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=cfg,
