@@ -55,15 +55,65 @@ class StoreJoint:
         return out
 
 
-def record_everything(pipe, run):
-    """Run ``run()`` with StoreEverything on every cross-attention layer; return the calls."""
+def rotate(x, cos, sin):
+    """Flux's rotary embedding written out: x [B, S, heads, d]; each pair (x[2i], x[2i+1]) of a position turns as a
+    complex number by that position's angle (cos, sin [S, d] hold it at 2i and 2i+1)."""
+    even, odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    cos_even, cos_odd = cos[None, :, None, 0::2].float(), cos[None, :, None, 1::2].float()
+    sin_even, sin_odd = sin[None, :, None, 0::2].float(), sin[None, :, None, 1::2].float()
+    return torch.stack([even * cos_even - odd * sin_even, odd * cos_odd + even * sin_odd], dim=-1).flatten(-2)
+
+
+class StoreFlux:
+    """Flux's attention recomputed plainly over the whole joint sequence [text, image]: double-stream blocks project
+    the text stream with add_q/add_k and norm_added_q/k and the image stream with to_q/to_k and norm_q/k, single-stream
+    blocks project the joined input with to_q/to_k; rotary embeddings over all positions; the full softmax per head
+    with scale 1/sqrt(d). Keeps the image rows x text columns as ``probs`` [B, heads, hw, n]."""
+
+    def __init__(self, name, original, calls, text_length):
+        self.name, self.original, self.calls, self.text_length = name, original, calls, text_length
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **kwargs)
+        with torch.no_grad():
+            heads = attn.heads
+
+            def split(x):  # [B, S, heads * d] -> [B, S, heads, d]
+                return x.reshape(x.shape[0], x.shape[1], heads, -1)
+
+            if encoder_hidden_states is None:  # single-stream: [text, image] joined by the block
+                n = self.text_length
+                q, k = attn.norm_q(split(attn.to_q(hidden_states))), attn.norm_k(split(attn.to_k(hidden_states)))
+            else:
+                n = encoder_hidden_states.shape[1]
+                q = torch.cat([attn.norm_added_q(split(attn.add_q_proj(encoder_hidden_states))),
+                               attn.norm_q(split(attn.to_q(hidden_states)))], dim=1)
+                k = torch.cat([attn.norm_added_k(split(attn.add_k_proj(encoder_hidden_states))),
+                               attn.norm_k(split(attn.to_k(hidden_states)))], dim=1)
+            cos, sin = image_rotary_emb
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, S, heads, d]
+            d = q.shape[-1]
+            probs = []
+            for h in range(heads):
+                full = torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2) / math.sqrt(d), dim=-1)  # [B, S, S]
+                probs.append(full[:, n:, :n])  # image queries x text keys
+            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu()})
+        return out
+
+
+def record_everything(pipe, run, text_length=None):
+    """Run ``run()`` with StoreEverything on every cross-attention layer (StoreJoint on SD3's joint attention,
+    StoreFlux on Flux's, which needs the ``text_length`` of its single-stream blocks); return the calls."""
     unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     originals = unet.attn_processors
     calls = []
     processors = {}
     for key, proc in originals.items():
         name = key[: -len(".processor")]
-        if name.endswith("attn2"):
+        if type(unet.get_submodule(name)).__name__ == "FluxAttention":
+            processors[key] = StoreFlux(name, proc, calls, text_length)
+        elif name.endswith("attn2"):
             processors[key] = StoreEverything(name, proc, calls)
         elif getattr(unet.get_submodule(name), "add_k_proj", None) is not None:  # SD3 joint attention
             processors[key] = StoreJoint(name, proc, calls)

@@ -121,10 +121,11 @@ def test_published_pixart_alpha_512_layers_on_the_meta_device():
     assert transformer.caption_projection.linear_1.in_features == 4096  # T5-XXL features, projected to 1152
 
 
-def test_flux_is_refused_not_traced_wrongly():
+def test_flux_dev_is_traced_not_refused():
+    """Flux-dev's 19 double- and 38 single-stream blocks are traced (checked in tests/test_flux_capture.py)."""
     pipe = SimpleNamespace(transformer=published_transformer_on_meta("black-forest-labs/FLUX.1-dev"))
-    with pytest.raises(NotImplementedError, match="Flux's attention is not supported yet"):
-        daamlib.trace(pipe).__enter__()
+    with daamlib.trace(pipe) as tr:
+        assert len(tr.layers) == 19 + 38 and {layer.kind for layer in tr.layers} == {"joint"}
 
 
 def test_load_pipeline_loads_a_saved_pixart_and_its_records_name_it(pixart, tmp_path):

@@ -8,8 +8,10 @@ from typing import Iterable, Literal
 
 import torch
 
-AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read yet (Flux's)
-TEXT_KINDS = ("cross", "joint")  # image queries attend to text keys: cross-attention, or MM-DiT joint attention
+from .flux import is_flux, is_flux_attention
+
+AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read
+TEXT_KINDS = ("cross", "joint")  # image queries attend to text keys: cross-attention, or MM-DiT joint attention (SD3, Flux)
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 _PROCESSOR_SUFFIX = ".processor"
 
@@ -22,7 +24,7 @@ class AttentionLayer:
     """
 
     name: str
-    kind: AttentionKind  # "joint": SD3's [image, text] attention; its text keys come from the block's text stream
+    kind: AttentionKind  # "joint": SD3's [image, text] or Flux's [text, image] attention over the block's own text
     heads: int
     head_dim: int
     key_dim: int  # dimension of what the text keys are projected from (d_text for cross-attention)
@@ -39,10 +41,10 @@ def attention_layers(unet: torch.nn.Module, kind: AttentionKind | Literal["text"
     layers = []
     for position, name in enumerate(names):
         module = unet.get_submodule(name)
-        layer_kind = _kind(module)
+        layer_kind = _kind(module, is_flux(unet))
         if kind is not None and layer_kind != kind and not (kind == "text" and layer_kind in TEXT_KINDS):
             continue
-        text_keys = module.add_k_proj if layer_kind == "joint" else module.to_k
+        text_keys = getattr(module, "add_k_proj", None) or module.to_k  # Flux's single-stream blocks: one to_k
         inner_dim = module.to_q.out_features
         layers.append(
             (
@@ -60,10 +62,12 @@ def attention_layers(unet: torch.nn.Module, kind: AttentionKind | Literal["text"
     return [layer for _, _, layer in sorted(layers, key=lambda item: item[:2])]
 
 
-def _kind(module: torch.nn.Module) -> AttentionKind:
+def _kind(module: torch.nn.Module, flux_model: bool) -> AttentionKind:
     from diffusers.models.attention_processor import Attention
 
-    if not isinstance(module, Attention):  # e.g. FluxAttention: [text, image] order, rotary embeddings
+    if is_flux_attention(module):  # double- and single-stream blocks: [text, image] keys, rotary (see .flux)
+        return "joint" if flux_model else "other"  # other models' FluxAttention (Chroma's masks) is not read
+    if not isinstance(module, Attention):
         return "other"
     if getattr(module, "add_k_proj", None) is not None:  # SD3's JointAttnProcessor2_0: [image, text]
         return "joint"

@@ -31,7 +31,10 @@ class CaptureProcessor:
             if self.layer.kind == "cross":
                 self.trace.observe_cross_attention(self.layer, attn, hidden_states, encoder_hidden_states, attention_mask)
             elif self.layer.kind == "joint":
-                self.trace.observe_joint_attention(self.layer, attn, hidden_states, encoder_hidden_states)
+                if attention_mask is not None:
+                    raise ValueError(f"{self.layer.name} got an attention mask; joint attention is traced without masks")
+                rotary = args[0] if args else kwargs.get("image_rotary_emb")  # Flux passes it 5th, positionally
+                self.trace.observe_joint_attention(self.layer, attn, hidden_states, encoder_hidden_states, rotary)
             else:
                 self.trace.observe_self_attention(self.layer, attn, hidden_states, attention_mask)
         return output

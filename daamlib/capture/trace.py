@@ -3,8 +3,8 @@
 Per-instance processors go onto the traced layers with the denoiser's ``set_attn_processor``; two
 PyTorch forward pre-hooks watch the text encoder (which prompt ids were encoded) and the denoiser
 (batch layout, latent size, timestep). All of it is undone in ``finally``. The denoiser is the UNet of
-Stable Diffusion 1.x/2.x/XL or the transformer of PixArt-α/Σ (cross-attention ``attn2`` over T5,
-with the padding mask the model applies).
+Stable Diffusion 1.x/2.x/XL, the transformer of PixArt-α/Σ (cross-attention ``attn2`` over T5, with the
+padding mask the model applies), or the joint attention of SD3 and Flux (see ``.flux``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import torch
 from ..modules import conditioning, denoiser, execution_device, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
+from .flux import (NO_NEGATIVE_CALLS, PATCH, GuidanceCalls, attention_scale, check_flux, image_queries_and_keys, is_flux,
+                   token_grid)
 from .options import TraceOptions
 from .layers import AttentionLayer, attention_layers, select_layers
 from ..layout import split_heads
@@ -49,8 +51,11 @@ class Trace:
         self._current: GenerationState | None = None
         self._encoder_ids: dict[str, list[torch.Tensor]] = {}  # encoder -> [prompts, n] per call since the last denoiser call
         self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
-        self._rows = slice(0, 0)
+        self._rows: slice | None = slice(0, 0)  # None: this call is of the branch not traced (Flux's true CFG)
         self._capture_self_attention = False
+        self.flux = is_flux(self.denoiser)
+        self._guidance = GuidanceCalls()  # Flux: which call is the prompt's, which the negative prompt's
+        self._text_length = 0  # Flux: text positions of the current call (its single-stream blocks see [text, image])
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -69,6 +74,8 @@ class Trace:
 
     def on_denoiser(self, module, args, kwargs) -> None:
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments  # UNet and DiT order their inputs differently
+        if self.flux:
+            return self._on_flux_call(inputs)
         sample = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w] latents
         timestep, context = inputs["timestep"], inputs["encoder_hidden_states"]
         batch = sample.shape[0]
@@ -86,6 +93,29 @@ class Trace:
         self._rows = self._traced_rows(num_images, cfg)
         self._current.add_timestep(torch.as_tensor(timestep).detach().reshape(-1)[0])
         self._capture_self_attention = self.options.self_attention and self._current.at_last_step
+
+    def _on_flux_call(self, inputs: dict) -> None:
+        """Flux: the batch holds the prompt only; true CFG adds a call with the negative prompt after each prompt
+        call. A step is one prompt call; only the calls of ``branch`` are traced, never a mix (see ``.flux``)."""
+        latents, context = inputs["hidden_states"], inputs["encoder_hidden_states"]  # [B, h*w, 4C], [B, n, d_text]
+        fresh = self._current is None or bool(self._encoder_ids)
+        call = self._guidance.classify(latents, context, fresh, not fresh and self._current.complete)
+        if call == "start":
+            self._finish_current()
+            rows, cols = token_grid(inputs["img_ids"], latents.shape[1])  # reads img_ids once per generation
+            self._start(latents.shape[0], (PATCH * rows, PATCH * cols), context, cfg=False)
+        elif latents.shape[0] != self._current.num_images:
+            raise ValueError(f"the batch changed from {self._current.num_images} to {latents.shape[0]} images mid-generation")
+        uncond = self.options.branch == "uncond"
+        if call == "prompt" and uncond and self._guidance.negative_calls < self._guidance.prompt_calls - 1:
+            raise ValueError(NO_NEGATIVE_CALLS)
+        if call != "negative":  # the model gets t / 1000; the record keeps the scheduler's scale of t, as for SD3
+            self._current.add_timestep(torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000)
+        traced = (call == "negative") == uncond
+        if traced and call == "negative" and self._guidance.negative_calls == 1:
+            self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()
+        self._rows = slice(0, latents.shape[0]) if traced else None
+        self._text_length = context.shape[1]
 
     def _traced_rows(self, num_images: int, cfg: bool) -> slice:
         """diffusers batches CFG as [uncond x N, cond x N]; without CFG all N rows are conditional."""
@@ -122,7 +152,10 @@ class Trace:
 
     def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
         encoder_calls, self._encoder_ids = self._encoder_ids, {}
-        call = 1 if cfg and self.options.branch == "uncond" else 0  # the negative prompt is encoded second
+        negative = self.options.branch == "uncond" and (cfg or self.flux)
+        if negative and self.flux and any(len(calls) == 1 for calls in encoder_calls.values()):
+            raise ValueError(NO_NEGATIVE_CALLS)  # only the prompt was encoded
+        call = 1 if negative else 0  # the negative prompt is encoded second
         token_streams = [(encoder_calls[name][call], getattr(self.pipe, tokenizer)) for name, tokenizer in _token_streams(self.pipe)
                          if len(encoder_calls.get(name, [])) > call]  # none when the prompt came as embeddings
         if token_streams and num_images % token_streams[0][0].shape[0]:
@@ -192,17 +225,26 @@ class Trace:
             }
         return self._context_keys[layer.name]
 
-    def observe_joint_attention(self, layer, attn, hidden_states, encoder_hidden_states) -> None:
-        """SD3: ``hidden_states`` [B, hw, C] image stream, ``encoder_hidden_states`` [B, n, C] this block's text stream."""
+    def observe_joint_attention(self, layer, attn, hidden_states, encoder_hidden_states, rotary=None) -> None:
+        """SD3 and Flux's double-stream blocks: ``hidden_states`` [B, hw, C] image stream, ``encoder_hidden_states``
+        [B, n, C] this block's text stream; Flux's single-stream blocks: [text, image] joined and no text stream."""
         state = self._require_state(layer)
         _check_token_sequence(layer, hidden_states)
-        hidden = hidden_states[self._rows]  # [N, hw, C]
-        text = encoder_hidden_states[self._rows]  # [N, n, C]
-        queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden), attn.heads))  # [N, heads, hw, d]
-        image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden), attn.heads))  # [N, heads, hw, d]
-        text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(text), attn.heads))  # [N, heads, n, d]
-        state.register_layer(layer, hidden.shape[1], attn.scale)
-        state.add_joint_attention(layer, queries, image_keys, text_keys, attn.scale)
+        if self._rows is None:  # Flux: a call of the branch not traced
+            return
+        text = None if encoder_hidden_states is None else encoder_hidden_states[self._rows]  # [N, n, C]
+        if self.flux:  # rotary embeddings over [text, image], each block's own norms
+            queries, image_keys, text_keys = image_queries_and_keys(attn, hidden_states[self._rows], text, rotary,
+                                                                    self._text_length)  # [N, heads, positions, d]
+            scale = attention_scale(attn)
+        else:
+            hidden = hidden_states[self._rows]  # [N, hw, C]
+            queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden), attn.heads))  # [N, heads, hw, d]
+            image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden), attn.heads))  # [N, heads, hw, d]
+            text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(text), attn.heads))  # [N, heads, n, d]
+            scale = attn.scale
+        state.register_layer(layer, queries.shape[2], scale)
+        state.add_joint_attention(layer, queries, image_keys, text_keys, scale)
 
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
@@ -231,8 +273,9 @@ def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) ->
 
 def _token_streams(pipe) -> list[tuple[str, str]]:
     """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
-    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5."""
-    streams = [("text_encoder", "tokenizer")]
+    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
+    (``text_encoder_2``; its CLIP gives only the pooled vector)."""
+    streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
     if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
         streams.append(("text_encoder_3", "tokenizer_3"))
     return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]
@@ -307,14 +350,16 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
                          "(whether the batch is [uncond, cond]); the pipeline says so only inside its own call")
     unet = denoiser(pipe)
+    check_flux(unet, options.cfg)
     available = attention_layers(unet, "text")
     if not available:
-        raise NotImplementedError(f"{type(unet).__name__} has no cross- or joint-attention layers daamlib can read (Flux's "
-                                  "attention is not supported yet); daamlib traces SD 1.x/2.x/XL UNets, PixArt-α/Σ and SD3")
+        raise NotImplementedError(f"{type(unet).__name__} has no cross- or joint-attention layers daamlib can read; "
+                                  "daamlib traces SD 1.x/2.x/XL UNets, PixArt-α/Σ, SD3 and Flux")
     cross_layers = select_layers(available, options.layers)
     if any(layer.kind == "joint" for layer in cross_layers) and (options.linear or options.queries or options.contexts):
-        raise ValueError("linear=, queries= and contexts= need one conditioning space that every layer's keys read; in SD3's "
-                         "joint attention each block projects its own text stream, so only daam, per_head and per_step apply")
+        raise ValueError("linear=, queries= and contexts= need one conditioning space that every layer's keys read; in the "
+                         "joint attention of SD3 and Flux each block projects its own text stream, so only daam, per_head and "
+                         "per_step apply")
     if options.query_layers is not None:
         select_layers(cross_layers, options.query_layers)  # validates the names
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
@@ -342,5 +387,6 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise
     finally:
         unet.set_attn_processor(dict(originals))  # the setter consumes the dict it is given
+        tr._guidance.release()  # Flux: the prompt embeddings and latents it held
         for handle in handles:
             handle.remove()
