@@ -73,8 +73,11 @@ def step_correlations(samples: Sequence[tuple[Record, str, np.ndarray]]) -> pd.D
 
 
 def short_layer_name(name: str) -> str:
-    """'up_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'up1.0'."""
+    """UNet: 'up_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'up1.0', 'mid_block...' -> 'mid';
+    DiT: 'transformer_blocks.3.attn2' -> 'block3', Flux's 'single_transformer_blocks.5.attn' -> 'single5'."""
     parts = name.split(".")
+    if parts[0] in ("transformer_blocks", "single_transformer_blocks"):
+        return f"{'single' if parts[0].startswith('single') else 'block'}{parts[1]}"
     block = parts[0].replace("_blocks", "").replace("_block", "")
     if block == "mid":
         return "mid"
