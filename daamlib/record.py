@@ -19,8 +19,8 @@ from .io import read_safetensors, save_safetensors
 from .tokens import PromptTokens
 
 FORMAT_NAME = "daamlib.record"
-FORMAT_VERSION = 2  # 2 added model_fingerprint
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2 added model_fingerprint, 3 concepts (ConceptAttention)
+_READABLE_VERSIONS = (1, 2, 3)
 _METADATA_KEY = "daamlib"
 
 
@@ -62,6 +62,7 @@ class RecordMeta:
     image_index: int = 0
     query_steps: list[int] = field(default_factory=list)
     contexts: dict[str, list[str]] = field(default_factory=dict)  # phrase -> its key token strings
+    concepts: list[str] = field(default_factory=list)  # ConceptAttention's concepts, the k columns of concept maps
     added_tokens: list[str] = field(default_factory=list)  # textual-inversion tokens of the prompt
     library_version: str = field(default_factory=library_version)
 
@@ -111,6 +112,8 @@ RECORD_KINDS = (
     RecordKind("text_embeddings", "single", "[n, d]", "the conditioning X of the traced branch"),
     RecordKind("contexts", "phrase_layer", "[hw, m]", "re-run open-vocabulary sums over the phrase's m keys"),
     RecordKind("self_attention", "layer", "[heads, hw, head_dim]", "last-step per-head self-attention output"),
+    RecordKind("concept_output", "layer", "[hw, k]", "ConceptAttention: softmax over concepts of o_x o_c, summed over steps"),
+    RecordKind("concept_cross", "layer", "[hw, k]", "softmax over concepts of q_x k_c, summed over heads and steps"),
 )
 _KINDS_BY_NAME = {kind.name: kind for kind in RECORD_KINDS}
 
@@ -168,6 +171,7 @@ class Record:
       daam[layer] [hw, n]; daam_heads[layer] [heads, hw, n]; daam_steps[layer] [steps, hw, n];
       queries[(layer, step)] [hw, inner]; linear_matrix [H*W, d]; linear_bias [H*W];
       text_embeddings [n, d]; contexts[phrase][layer] [hw, m]; self_attention[layer] [heads, hw, head_dim];
+      concept_output[layer], concept_cross[layer] [hw, k] (k = len(meta.concepts));
       image [height, width, 3] uint8, when the generator stored it.
     """
 
@@ -181,6 +185,8 @@ class Record:
     text_embeddings: torch.Tensor | None = None
     contexts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)
+    concept_output: dict[str, torch.Tensor] = field(default_factory=dict)
+    concept_cross: dict[str, torch.Tensor] = field(default_factory=dict)
     image: np.ndarray | None = None
 
     # -- convenience ------------------------------------------------------------------------

@@ -212,3 +212,130 @@ def _steps(calls):
             step += 1
         steps.append(step)
     return steps
+
+
+class ConceptJoint:
+    """ConceptAttention written out for SD3, whose text sequence was given the k concept vectors after the prompt: the
+    joint attention over [image, prompt, concepts] per head, with a mask: image and prompt queries see [image, prompt]
+    keys, concept queries see [image, concept] keys. The block then carries the concepts through its own context
+    weights. Keeps, per call, the attention outputs before the output projections (heads concatenated) of the image
+    (``o_x`` [B, hw, inner]) and of the concepts (``o_c`` [B, k, inner]), the image queries (``q_x`` [B, hw, heads, d])
+    and the concept keys (``k_c`` [B, k, heads, d])."""
+
+    def __init__(self, name, calls, num_concepts):
+        self.name, self.calls, self.num_concepts = name, calls, num_concepts
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        heads, hw, k = attn.heads, hidden_states.shape[1], self.num_concepts
+
+        def project(linear, norm, x):  # [B, S, C] -> [B, S, heads, d]
+            out = linear(x).reshape(x.shape[0], x.shape[1], heads, -1)
+            return out if norm is None else norm(out)
+
+        q = torch.cat([project(attn.to_q, attn.norm_q, hidden_states),
+                       project(attn.add_q_proj, attn.norm_added_q, encoder_hidden_states)], dim=1)
+        key = torch.cat([project(attn.to_k, attn.norm_k, hidden_states),
+                         project(attn.add_k_proj, attn.norm_added_k, encoder_hidden_states)], dim=1)
+        v = torch.cat([project(attn.to_v, None, hidden_states), project(attn.add_v_proj, None, encoder_hidden_states)], dim=1)
+        positions = torch.arange(q.shape[1])
+        concept, image = positions >= q.shape[1] - k, positions < hw
+        allowed = (concept[:, None] == concept[None, :]) | (concept[:, None] & image[None, :])  # [queries, keys]
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, key) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v).flatten(2)  # [B, S, inner]
+        self.calls.append({"layer": self.name, "o_x": out[:, :hw].float(), "o_c": out[:, -k:].float(),
+                           "q_x": q[:, :hw].float(), "k_c": key[:, -k:].float()})
+        text = out[:, hw:] if attn.context_pre_only else attn.to_add_out(out[:, hw:])
+        return attn.to_out[1](attn.to_out[0](out[:, :hw])), text
+
+
+def run_with_concepts(transformer, call_inputs, vectors):
+    """Call ``transformer`` on each recorded call's inputs, the concept vectors [k, d_encoder] appended to its text
+    sequence, with ConceptJoint on every block; returns (the calls' records, the transformer outputs)."""
+    originals = transformer.attn_processors
+    calls = []
+    transformer.set_attn_processor({key: ConceptJoint(key[: -len(".processor")], calls, len(vectors)) for key in originals})
+    try:
+        outputs = []
+        for inputs in call_inputs:
+            text = inputs["encoder_hidden_states"]
+            appended = torch.cat([text, vectors[None].expand(text.shape[0], -1, -1).to(text)], dim=1)
+            outputs.append(transformer(**{**inputs, "encoder_hidden_states": appended, "return_dict": False})[0])
+    finally:
+        transformer.set_attn_processor(dict(originals))
+    return calls, outputs
+
+
+def naive_concept_maps(calls, row, latent, variant="output"):
+    """[k, H, W]: per call (blocks x steps), the softmax over the k concepts of o_x . o_c ("output") or, per head, of
+    q_x . k_c / sqrt(d) summed over heads ("cross"); every map upsampled, all summed."""
+    total = 0
+    for call in calls:
+        if variant == "output":
+            probs = torch.softmax(call["o_x"][row] @ call["o_c"][row].T, dim=-1)  # [hw, k]
+        else:
+            q, key = call["q_x"][row], call["k_c"][row]  # [hw, heads, d], [k, heads, d]
+            probs = torch.softmax(torch.einsum("phd,khd->hpk", q, key) / math.sqrt(q.shape[-1]), dim=-1).sum(0)
+        h, w = grid(probs.shape[0], latent)
+        total = total + torch.stack([up(probs[:, c].reshape(h, w), latent, "bilinear") for c in range(probs.shape[1])])
+    return total
+
+
+class ConceptFlux:
+    """ConceptAttention written out for Flux, whose text sequence was given the k concept vectors after the prompt (and
+    k zero text ids): the attention over [prompt, concepts, image] per head, rotary embeddings over all positions, with
+    the mask of ConceptJoint, in double-stream blocks (text through add_*, image through to_*) and single-stream blocks
+    (the joined sequence through to_*). Keeps what ConceptJoint keeps, for the double-stream blocks."""
+
+    def __init__(self, name, calls, num_concepts, text_length):
+        self.name, self.calls, self.num_concepts, self.text_length = name, calls, num_concepts, text_length
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        heads, k, n = attn.heads, self.num_concepts, self.text_length  # n: prompt and concept positions
+
+        def project(linear, norm, x):  # [B, S, C] -> [B, S, heads, d]
+            out = linear(x).reshape(x.shape[0], x.shape[1], heads, -1)
+            return out if norm is None else norm(out)
+
+        double = encoder_hidden_states is not None
+        if double:
+            q = torch.cat([project(attn.add_q_proj, attn.norm_added_q, encoder_hidden_states),
+                           project(attn.to_q, attn.norm_q, hidden_states)], dim=1)
+            key = torch.cat([project(attn.add_k_proj, attn.norm_added_k, encoder_hidden_states),
+                             project(attn.to_k, attn.norm_k, hidden_states)], dim=1)
+            v = torch.cat([project(attn.add_v_proj, None, encoder_hidden_states), project(attn.to_v, None, hidden_states)], 1)
+        else:
+            q, key = project(attn.to_q, attn.norm_q, hidden_states), project(attn.to_k, attn.norm_k, hidden_states)
+            v = project(attn.to_v, None, hidden_states)
+        cos, sin = image_rotary_emb
+        q, key = rotate(q, cos, sin).to(v.dtype), rotate(key, cos, sin).to(v.dtype)
+        positions = torch.arange(q.shape[1])
+        concept, image = (positions >= n - k) & (positions < n), positions >= n
+        allowed = (concept[:, None] == concept[None, :]) | (concept[:, None] & image[None, :])  # [queries, keys]
+        logits = torch.einsum("bqhd,bkhd->bhqk", q, key) / math.sqrt(q.shape[-1])
+        probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v).flatten(2)  # [B, S, inner]
+        if not double:
+            return out
+        self.calls.append({"layer": self.name, "o_x": out[:, n:].float(), "o_c": out[:, n - k:n].float(),
+                           "q_x": q[:, n:].float(), "k_c": key[:, n - k:n].float()})
+        return attn.to_out[1](attn.to_out[0](out[:, n:])), attn.to_add_out(out[:, :n])
+
+
+def run_flux_with_concepts(transformer, call_inputs, vectors):
+    """``run_with_concepts`` for Flux: the concepts also get zero text ids."""
+    originals = transformer.attn_processors
+    calls, outputs, k = [], [], len(vectors)
+    try:
+        for inputs in call_inputs:
+            text, text_ids = inputs["encoder_hidden_states"], inputs["txt_ids"]
+            n = text.shape[1] + k
+            transformer.set_attn_processor({key: ConceptFlux(key[: -len(".processor")], calls, k, n) for key in originals})
+            appended = torch.cat([text, vectors[None].expand(text.shape[0], -1, -1).to(text)], dim=1)
+            ids = torch.cat([text_ids, text_ids.new_zeros(k, text_ids.shape[-1])])
+            outputs.append(transformer(**{**inputs, "encoder_hidden_states": appended, "txt_ids": ids,
+                                          "return_dict": False})[0])
+    finally:
+        transformer.set_attn_processor(dict(originals))
+    return calls, outputs

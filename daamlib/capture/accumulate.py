@@ -46,6 +46,8 @@ class GenerationState:
     queries: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # [N, hw, inner]
     contexts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # [N, hw, m]
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, d]
+    concept_output: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, k] ConceptAttention (see .concepts)
+    concept_cross: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, k] its cross-attention variant
 
     @property
     def step(self) -> int:
@@ -116,6 +118,11 @@ class GenerationState:
         normalizer = torch.logaddexp(image_normalizer, torch.logsumexp(text_logits, dim=-1))
         self._add_maps(layer.name, torch.exp(text_logits - normalizer[..., None]))
 
+    def add_concept_maps(self, layer: AttentionLayer, output: torch.Tensor, cross: torch.Tensor) -> None:
+        """One call's concept maps [N, hw, k] of one block (softmaxes over the concepts)."""
+        _add(self.concept_output, layer.name, output)
+        _add(self.concept_cross, layer.name, cross)
+
     def _add_maps(self, name: str, probs: torch.Tensor) -> None:
         """Accumulate one call's attention to the text keys [N, heads, hw, n] as the options ask."""
         head_sum = probs.sum(dim=1)  # [N, hw, n]
@@ -162,6 +169,7 @@ class GenerationState:
                 image_index=index,
                 query_steps=sorted({step for _, step in self.queries}),
                 contexts={phrase: keys.token_strings for phrase, keys in contexts.items()},
+                concepts=list(self.options.concepts or ()),
             )
             records.append(
                 Record(
@@ -175,6 +183,8 @@ class GenerationState:
                     text_embeddings=_cpu(self.text_embeddings[index]),
                     contexts={p: {k: _cpu(v[index]) for k, v in maps.items()} for p, maps in self.contexts.items()},
                     self_attention={k: _cpu(v[index]) for k, v in self.self_attention.items()},
+                    concept_output={k: _cpu(v[index]) for k, v in self.concept_output.items()},
+                    concept_cross={k: _cpu(v[index]) for k, v in self.concept_cross.items()},
                 )
             )
         return records

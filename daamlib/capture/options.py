@@ -27,6 +27,8 @@ class TraceOptions:
     contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path), or named
         conditioning vectors {name: [m, d_text]} such as optimized tokens; ``context_padding`` also
         attaches their padding tokens.
+    concepts: words (e.g. ["car", "tree", "sky"]) carried through SD3's or Flux's MM-DiT blocks as ConceptAttention's
+        concept stream, read by nothing (see ``daamlib.capture.concepts``); records their maps per block.
     upsample: "bilinear" or "bicubic", used to collapse the linear matrix.
     branch: "cond" (default) or "uncond" half of classifier-free guidance.
     cfg: for pipelines that do not say whether they use classifier-free guidance; a value that
@@ -46,6 +48,7 @@ class TraceOptions:
     self_attention: bool = False
     contexts: Sequence[str] | Mapping[str, torch.Tensor] = ()
     context_padding: bool = False
+    concepts: Sequence[str] | None = None
     upsample: str = "bilinear"
     branch: str = "cond"
     cfg: bool | None = None
@@ -69,8 +72,10 @@ class TraceOptions:
         if isinstance(self.contexts, str):
             raise ValueError(f"contexts must be a list of phrases, not the string {self.contexts!r}; "
                              f"pass contexts=[{self.contexts!r}]")
-        if not (self.daam or self.queries or self.linear or self.self_attention or self.contexts):
-            raise ValueError("nothing to record: enable daam, queries, linear or self_attention, or pass contexts")
+        if self.concepts is not None:
+            object.__setattr__(self, "concepts", _concept_words(self.concepts))
+        if not (self.daam or self.queries or self.linear or self.self_attention or self.contexts or self.concepts):
+            raise ValueError("nothing to record: enable daam, queries, linear or self_attention, or pass contexts or concepts")
 
     def wants_queries(self, layer: str, step: int) -> bool:
         return (
@@ -82,3 +87,17 @@ class TraceOptions:
     @classmethod
     def field_names(cls) -> set[str]:
         return {field.name for field in fields(cls)}
+
+
+def _concept_words(concepts) -> tuple[str, ...]:
+    example = "concepts=['car', 'tree', 'sky']"
+    if isinstance(concepts, str) or not isinstance(concepts, Sequence):
+        raise ValueError(f"concepts is a list of words such as {example}, not {concepts!r}")
+    if not concepts:
+        raise ValueError(f"concepts=[] names no concept; pass words such as {example}, or leave concepts unset")
+    for concept in concepts:
+        if not isinstance(concept, str) or not concept.strip():
+            raise TypeError(f"each concept is a non-empty word (str), not {concept!r}; e.g. {example}")
+    if len(set(concepts)) < len(concepts):
+        raise ValueError(f"concepts {list(concepts)} repeat a word; name each concept once")
+    return tuple(concepts)

@@ -19,6 +19,7 @@ import torch
 from ..modules import conditioning, denoiser, execution_device, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
+from .concepts import ConceptStream, concept_stream, token_streams
 from .flux import (NO_NEGATIVE_CALLS, PATCH, GuidanceCalls, attention_scale, check_flux, image_queries_and_keys, is_flux,
                    token_grid)
 from .options import TraceOptions
@@ -36,7 +37,8 @@ class Trace:
     """
 
     def __init__(self, pipe, options: TraceOptions, layers: list[AttentionLayer],
-                 contexts: dict[str, ContextKeys], fingerprint: dict, unet_calls: int | None = None) -> None:
+                 contexts: dict[str, ContextKeys], fingerprint: dict, unet_calls: int | None = None,
+                 concepts: ConceptStream | None = None) -> None:
         self.pipe = pipe
         self.denoiser = denoiser(pipe)
         self._forward_signature = inspect.signature(self.denoiser.forward)
@@ -45,6 +47,7 @@ class Trace:
         self.layers = layers
         self.cfg = options.cfg
         self.contexts = contexts
+        self.concepts = concepts  # ConceptAttention's concept stream (SD3, Flux), or None
         self.fingerprint = fingerprint
         self._records: list[Record] = []
         self._finished: list[GenerationState] = []  # generations whose records are not built yet
@@ -93,6 +96,8 @@ class Trace:
         self._rows = self._traced_rows(num_images, cfg)
         self._current.add_timestep(torch.as_tensor(timestep).detach().reshape(-1)[0])
         self._capture_self_attention = self.options.self_attention and self._current.at_last_step
+        if self.concepts is not None:
+            self.concepts.start_call(inputs, self._rows)
 
     def _on_flux_call(self, inputs: dict) -> None:
         """Flux: the batch holds the prompt only; true CFG adds a call with the negative prompt after each prompt
@@ -116,6 +121,8 @@ class Trace:
             self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()
         self._rows = slice(0, latents.shape[0]) if traced else None
         self._text_length = context.shape[1]
+        if self.concepts is not None:
+            self.concepts.start_call(inputs, self._rows)
 
     def _traced_rows(self, num_images: int, cfg: bool) -> slice:
         """diffusers batches CFG as [uncond x N, cond x N]; without CFG all N rows are conditional."""
@@ -156,10 +163,10 @@ class Trace:
         if negative and self.flux and any(len(calls) == 1 for calls in encoder_calls.values()):
             raise ValueError(NO_NEGATIVE_CALLS)  # only the prompt was encoded
         call = 1 if negative else 0  # the negative prompt is encoded second
-        token_streams = [(encoder_calls[name][call], getattr(self.pipe, tokenizer)) for name, tokenizer in _token_streams(self.pipe)
-                         if len(encoder_calls.get(name, [])) > call]  # none when the prompt came as embeddings
-        if token_streams and num_images % token_streams[0][0].shape[0]:
-            raise ValueError(f"{num_images} images cannot come from {token_streams[0][0].shape[0]} prompts")
+        streams = [(encoder_calls[name][call], getattr(self.pipe, tokenizer)) for name, tokenizer in token_streams(self.pipe)
+                   if len(encoder_calls.get(name, [])) > call]  # none when the prompt came as embeddings
+        if streams and num_images % streams[0][0].shape[0]:
+            raise ValueError(f"{num_images} images cannot come from {streams[0][0].shape[0]} prompts")
         expected_steps = self._expected_steps()
         wanted = self.options.query_steps if self.options.queries else None
         if wanted and expected_steps is not None and max(wanted) >= expected_steps:
@@ -170,7 +177,7 @@ class Trace:
             options=self.options,
             num_images=num_images,
             latent_size=latent_size,
-            token_streams=token_streams,
+            token_streams=streams,
             text_embeddings=conditioning(self.pipe, context[rows].detach()).float(),
             expected_steps=expected_steps,
         )
@@ -233,18 +240,22 @@ class Trace:
         if self._rows is None:  # Flux: a call of the branch not traced
             return
         text = None if encoder_hidden_states is None else encoder_hidden_states[self._rows]  # [N, n, C]
+        hidden = hidden_states[self._rows]  # [N, hw, C] (Flux's single-stream blocks: [N, n + hw, C])
         if self.flux:  # rotary embeddings over [text, image], each block's own norms
-            queries, image_keys, text_keys = image_queries_and_keys(attn, hidden_states[self._rows], text, rotary,
-                                                                    self._text_length)  # [N, heads, positions, d]
-            scale = attention_scale(attn)
+            queries, image_keys, text_keys = image_queries_and_keys(attn, hidden, text, rotary, self._text_length)
+            scale = attention_scale(attn)  # [N, heads, positions, d]
         else:
-            hidden = hidden_states[self._rows]  # [N, hw, C]
             queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden), attn.heads))  # [N, heads, hw, d]
             image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden), attn.heads))  # [N, heads, hw, d]
             text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(text), attn.heads))  # [N, heads, n, d]
             scale = attn.scale
         state.register_layer(layer, queries.shape[2], scale)
-        state.add_joint_attention(layer, queries, image_keys, text_keys, scale)
+        if self.options.daam:
+            state.add_joint_attention(layer, queries, image_keys, text_keys, scale)
+        concept_maps = None if self.concepts is None else self.concepts.observe(layer.name, attn, hidden, text, rotary,
+                                                                                (queries, image_keys, text_keys))
+        if concept_maps is not None:
+            state.add_concept_maps(layer, *concept_maps)
 
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
@@ -269,16 +280,6 @@ def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) ->
     if hidden_states.ndim != 3:
         raise ValueError(f"{layer.name} got hidden states of shape {tuple(hidden_states.shape)}; "
                          "only transformer-block attention ([batch, positions, channels]) can be traced")
-
-
-def _token_streams(pipe) -> list[tuple[str, str]]:
-    """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
-    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
-    (``text_encoder_2``; its CLIP gives only the pooled vector)."""
-    streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
-    if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
-        streams.append(("text_encoder_3", "tokenizer_3"))
-    return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]
 
 
 def _key_bias(layer: AttentionLayer, mask: torch.Tensor, num_keys: int) -> torch.Tensor:
@@ -367,7 +368,8 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise ValueError(f"self_attention=True records the up blocks' self-attention of a UNet; {type(unet).__name__} has none")
     traced = cross_layers + self_layers
     context_keys = _encode_contexts(pipe, options.contexts, options.context_padding) if options.contexts else {}
-    tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe), unet_calls)
+    concepts = concept_stream(pipe, options)  # refuses what has no MM-DiT text stream
+    tr = Trace(pipe, options, traced, context_keys, model_fingerprint(pipe), unet_calls, concepts)
 
     originals = unet.attn_processors
     processors = dict(originals)
@@ -375,7 +377,7 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         key = f"{layer.name}.processor"
         processors[key] = CaptureProcessor(layer, originals[key], tr)
     handles = [unet.register_forward_pre_hook(tr.on_denoiser, with_kwargs=True)]
-    for encoder, _ in _token_streams(pipe):
+    for encoder, _ in token_streams(pipe):
         handles.append(getattr(pipe, encoder).register_forward_pre_hook(partial(tr.on_text_encoder, encoder), with_kwargs=True))
     unet.set_attn_processor(processors)
     try:
