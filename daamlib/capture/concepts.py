@@ -34,18 +34,9 @@ from ..layout import split_heads
 from ..modules import denoiser, execution_device
 from ..tokens import PromptTokens
 from .flux import is_flux
+from .layers import token_streams
 
 CONCEPT_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # MM-DiTs with a separate text stream
-
-
-def token_streams(pipe) -> list[tuple[str, str]]:
-    """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
-    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
-    (``text_encoder_2``; its CLIP gives only the pooled vector)."""
-    streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
-    if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
-        streams.append(("text_encoder_3", "tokenizer_3"))
-    return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]
 
 
 def concept_stream(pipe, options) -> "ConceptStream | None":

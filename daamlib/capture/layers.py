@@ -1,4 +1,5 @@
-"""Attention layers of a diffusers denoiser (UNet or DiT transformer), named by their module path."""
+"""Attention layers of a diffusers denoiser (UNet or DiT transformer), named by their module path, and the text
+encoders whose tokens make the sequence those layers read."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Iterable, Literal
 
 import torch
 
+from ..modules import denoiser
 from .flux import is_flux, is_flux_attention
 
 AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read
@@ -105,3 +107,13 @@ def layer_resolution(num_positions: int, latent_size: tuple[int, int]) -> tuple[
             "downsampled by powers of two"
         )
     return height, width
+
+
+def token_streams(pipe) -> list[tuple[str, str]]:
+    """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
+    CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
+    (``text_encoder_2``; its CLIP gives only the pooled vector)."""
+    streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
+    if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
+        streams.append(("text_encoder_3", "tokenizer_3"))
+    return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]

@@ -19,11 +19,11 @@ import torch
 from ..modules import conditioning, denoiser, execution_device, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
-from .concepts import ConceptStream, concept_stream, token_streams
+from .concepts import ConceptStream, concept_stream
 from .flux import (NO_NEGATIVE_CALLS, PATCH, GuidanceCalls, attention_scale, check_flux, image_queries_and_keys, is_flux,
                    token_grid)
 from .options import TraceOptions
-from .layers import AttentionLayer, attention_layers, select_layers
+from .layers import AttentionLayer, attention_layers, select_layers, token_streams
 from ..layout import split_heads
 from .processor import CaptureProcessor
 
