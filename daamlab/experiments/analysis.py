@@ -25,7 +25,8 @@ def _max_miou(curves: list[np.ndarray]) -> float:
 def layer_step_miou(samples: Sequence[tuple[Record, str, np.ndarray]], taus: np.ndarray | None = None) -> pd.DataFrame:
     """Max mIoU of D_{k,t,i} per (layer i, step t), plus the all-steps column and the all-layers row.
 
-    ``samples`` are (record, word, mask) triples. Rows: layers in U-Net order, then "all";
+    ``samples`` are (record, word, mask) triples. Rows: layers from input to output (UNet: down, mid, up;
+    DiT: block 0 onwards), then "all";
     columns: steps 0..T-1, then "all". The ("all", "all") cell is ordinary DAAM.
     """
     if not samples:
@@ -73,12 +74,16 @@ def step_correlations(samples: Sequence[tuple[Record, str, np.ndarray]]) -> pd.D
 
 
 def short_layer_name(name: str) -> str:
-    """UNet: 'up_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'up1.0', 'mid_block...' -> 'mid';
+    """UNet: 'up_blocks.1.attentions.0.transformer_blocks.0.attn2' -> 'up1.0', 'mid_block...' -> 'mid'; SDXL's
+    further transformer blocks inside one attention get their index: '...attentions.0.transformer_blocks.5.attn2'
+    -> 'up1.0.5', 'mid_block.attentions.0.transformer_blocks.2.attn2' -> 'mid.2'.
     DiT: 'transformer_blocks.3.attn2' -> 'block3', Flux's 'single_transformer_blocks.5.attn' -> 'single5'."""
     parts = name.split(".")
     if parts[0] in ("transformer_blocks", "single_transformer_blocks"):
         return f"{'single' if parts[0].startswith('single') else 'block'}{parts[1]}"
     block = parts[0].replace("_blocks", "").replace("_block", "")
+    inner = parts[parts.index("transformer_blocks") + 1] if "transformer_blocks" in parts else "0"
+    suffix = "" if inner == "0" else f".{inner}"
     if block == "mid":
-        return "mid"
-    return f"{block}{parts[1]}.{parts[3]}"
+        return "mid" + suffix
+    return f"{block}{parts[1]}.{parts[3]}{suffix}"

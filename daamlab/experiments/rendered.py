@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import daamlib
 from daamlib.methods import HeatmapMethod
 from daamlib.metrics import iou_curve, thresholds
+from daamlib.modules import denoiser
 from daamlib.record import Record, load_record
 from daamlab.experiments.evaluation import Curves
 from daamlab.toyworld import labels as L
@@ -24,9 +25,23 @@ from daamlab.toyworld.captions import THESIS_TEMPLATE
 from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
 
 
-def render_scenes(pipe, num_scenes: int, first_seed: int = HELD_OUT_FIRST_SEED, progress: bool = True) -> SceneSet:
-    """``num_scenes`` held-out scenes (seeds never used in training) at the pipeline's image size."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+def default_image_size(pipe) -> int:
+    """The side in pixels a pipeline generates by default: the denoiser's latent ``sample_size`` (a UNet's, or a
+    DiT's such as PixArt's and SD3's; Flux's pipeline keeps it as ``default_sample_size``) times the VAE factor."""
+    latent = getattr(denoiser(pipe).config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
+    if isinstance(latent, (tuple, list)) and len(set(latent)) == 1:
+        latent = latent[0]
+    if not isinstance(latent, int):
+        raise ValueError(f"{type(pipe).__name__} names no square default size (its denoiser's sample_size is {latent!r}); "
+                         "pass size= in pixels, a multiple of the VAE factor")
+    return latent * pipe.vae_scale_factor
+
+
+def render_scenes(pipe, num_scenes: int, first_seed: int = HELD_OUT_FIRST_SEED, progress: bool = True,
+                  size: int | None = None) -> SceneSet:
+    """``num_scenes`` held-out scenes (seeds never used in training), ``size`` pixels a side (default: the
+    pipeline's image size, :func:`default_image_size`)."""
+    size = default_image_size(pipe) if size is None else size
     return render_scene_set(num_scenes, size, first_seed=first_seed, progress=progress)
 
 
