@@ -91,7 +91,7 @@ def optimize_tokens(
     loss: Loss | None = None,
     epochs: int = 500,
     learning_rate: float = 3.0,
-    background_init: str | torch.Tensor = "<sot>",
+    background_init: str | torch.Tensor | None = None,
     pipe=None,
     progress: bool = True,
 ) -> OptimizedTokens:
@@ -103,7 +103,7 @@ def optimize_tokens(
         init: the class word (its contextual embedding initialises x) or a vector [d_text].
         loss: "ce" (thesis eq. 3.10), "bce", or "softmax_ce" (softmax variant only; its default).
         learning_rate: Adam's step size (the thesis used 3 for 500 epochs).
-        background_init: the background token's start for the softmax variant.
+        background_init: the background token's start for the softmax variant (default: :func:`default_background`).
     """
     if not records:
         raise ValueError("optimize_tokens needs at least one training record")
@@ -128,7 +128,8 @@ def optimize_tokens(
     starts = [word_vector(records[0], init, pipe=pipe)]
     names = [init if isinstance(init, str) else "object"]
     if variant == "softmax":
-        starts.append(word_vector(records[0], background_init, pipe=pipe))
+        background = default_background(records[0]) if background_init is None else background_init
+        starts.append(word_vector(records[0], background, pipe=pipe))
         names.append("background")
     device = execution_device(pipe) if pipe is not None else torch.device("cpu")
     records = [record.to(device) for record in records]  # uploaded once, not per epoch
@@ -188,6 +189,12 @@ def token_loss(maps: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Te
     if loss == "ce":
         return -(target * heatmap.clamp_min(_EPSILON).log()).sum() / target.sum().clamp_min(_EPSILON)
     return F.binary_cross_entropy(heatmap.clamp(_EPSILON, 1 - _EPSILON), target)
+
+
+def default_background(record: Record) -> str:
+    """The softmax variant's background start: SOT, as in the thesis, where the tokenizer has one (CLIP); the end
+    token for SentencePiece tokenizers (T5: PixArt), which have no start token."""
+    return "<sot>" if record.tokens.sot_index is not None else "<eot>"
 
 
 def soft_normalize(heatmap: torch.Tensor) -> torch.Tensor:

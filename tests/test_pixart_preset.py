@@ -161,14 +161,14 @@ def test_sdxl_layer_names_stay_apart():
 def test_background_init_is_sot_for_clip_and_the_end_token_for_t5():
     from types import SimpleNamespace
 
-    from daamlab.experiments.optimization import background_init
+    from daamlib.optimize import default_background
     from daamlib.testing import clip_tokenizer
     from daamlib.testing_dit import build_t5_tokenizer
     from daamlib.tokens import PromptTokens
 
     for tokenizer, expected in ((clip_tokenizer(), "<sot>"), (build_t5_tokenizer(), "<eot>")):
         record = SimpleNamespace(tokens=PromptTokens.from_text("a car on the road", tokenizer))
-        assert background_init(record) == expected
+        assert default_background(record) == expected
         assert record.tokens.token_indices(expected)
 
 

@@ -98,8 +98,7 @@ def run_optimization_study(
                     records = [dataset.record(row) for _, row in train_rows.iterrows()]
                 masks = [dataset.mask(row) for _, row in train_rows.iterrows()]
                 tokens = optimize_tokens(records, masks, init=train_rows.iloc[0]["word"], variant=variant,
-                                         epochs=epochs, learning_rate=learning_rate, pipe=pipe, progress=False,
-                                         background_init=background_init(records[0]))
+                                         epochs=epochs, learning_rate=learning_rate, pipe=pipe, progress=False)
                 if path is not None:
                     tokens.save(path)
                 study.tokens[(variant, size, class_name)] = tokens
@@ -113,12 +112,6 @@ def run_optimization_study(
                 chosen = {name: study.tokens[(variant, size, name)] for name in dataset.classes}
                 study.curves[(variant, size)] = class_curves(dataset, OptimizedToken.by_init_word(chosen, pipe))
     return study
-
-
-def background_init(record) -> str:
-    """The softmax variant's background start: SOT, as in the thesis, where the tokenizer has one (CLIP); the end
-    token ``</s>`` for SentencePiece tokenizers (T5: PixArt), which have no start token."""
-    return "<sot>" if record.tokens.sot_index is not None else "<eot>"
 
 
 def _context_name(size: int) -> str:
