@@ -10,14 +10,7 @@ def layer_names(layers, name: str = "layers") -> tuple[str, ...] | None:
     """``layers`` as a tuple of module paths (``None`` stays ``None``: every layer)."""
     if layers is None:
         return None
-    if isinstance(layers, str):
-        raise TypeError(f"{name} is a list of layer names; got the string {layers!r} (wrap one layer: {name}=[{layers!r}])")
-    try:
-        chosen = tuple(layers)
-    except TypeError:
-        raise TypeError(f"{name} is a list of layer names or None; got {type(layers).__name__}") from None
-    if not chosen:
-        raise ValueError(f"{name}=[] selects no layer; pass None for every layer, or some layer names")
+    chosen = _listed(layers, name, "layer names", "layer", singles=(str,))
     bad = [layer for layer in chosen if not isinstance(layer, str)]
     if bad:
         raise TypeError(f"layer names are strings such as 'up_blocks.1.attentions.0.transformer_blocks.0.attn2'; got {bad}")
@@ -28,14 +21,7 @@ def step_indices(steps, name: str = "steps", num_steps: int | None = None) -> tu
     """``steps`` as a tuple of distinct step indices 0..num_steps-1 (``None`` stays ``None``: every step)."""
     if steps is None:
         return None
-    if isinstance(steps, (str, bytes, numbers.Number)):
-        raise TypeError(f"{name} is a list of step indices or None; got {steps!r} (wrap one step: {name}=[{steps!r}])")
-    try:
-        chosen = list(steps)
-    except TypeError:
-        raise TypeError(f"{name} is a list of step indices or None; got {type(steps).__name__}") from None
-    if not chosen:
-        raise ValueError(f"{name}=[] selects no step (the heatmap would be all zeros); pass None for every step")
+    chosen = list(_listed(steps, name, "step indices", "step", singles=(str, bytes, numbers.Number)))
     bad_type = [step for step in chosen if isinstance(step, bool) or not isinstance(step, numbers.Integral)]
     if bad_type:
         raise TypeError(f"{name} are integer step indices (0 = the first step); got {bad_type}")
@@ -51,3 +37,16 @@ def step_indices(steps, name: str = "steps", num_steps: int | None = None) -> tu
     if repeated:
         raise ValueError(f"{name} {repeated} are repeated; each step is counted once, so list it once")
     return tuple(chosen)
+
+
+def _listed(values, name: str, items: str, item: str, singles: tuple[type, ...]) -> tuple:
+    """``values`` as a non-empty tuple; a single value (one of ``singles``) or a non-iterable says how to wrap it."""
+    if isinstance(values, singles):
+        raise TypeError(f"{name} is a list of {items} or None; got {values!r} (wrap one {item}: {name}=[{values!r}])")
+    try:
+        chosen = tuple(values)
+    except TypeError:
+        raise TypeError(f"{name} is a list of {items} or None; got {type(values).__name__}") from None
+    if not chosen:
+        raise ValueError(f"{name}=[] selects no {item}; pass None for every {item}, or some {items}")
+    return chosen
