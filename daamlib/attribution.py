@@ -13,7 +13,7 @@ import torch
 
 from .capture import trace
 from .generation import _negatives
-from .modules import denoiser as denoiser_of, execution_device
+from .modules import denoiser as denoiser_of, execution_device, family
 from .record import Record
 
 
@@ -97,11 +97,10 @@ def _family(pipe) -> str:
     """Which denoiser inputs to build: "unet" (SD 1.x/2.x/XL), "pixart" or "sd3"."""
     if getattr(pipe, "vae", None) is None:
         raise NotImplementedError(f"attribute_image needs a pipeline with a VAE; {type(pipe).__name__} has none")
-    name = type(denoiser_of(pipe)).__name__
-    families = {"UNet2DConditionModel": "unet", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3"}
-    if name not in families:
-        raise NotImplementedError(f"attribute_image runs SD 1.x/2.x/XL UNets, PixArt and SD3; not {name}")
-    return families[name]
+    model = denoiser_of(pipe)
+    if family(model) not in ("unet", "pixart", "sd3"):
+        raise NotImplementedError(f"attribute_image runs SD 1.x/2.x/XL UNets, PixArt and SD3; not {type(model).__name__}")
+    return family(model)
 
 
 def _conditioning(pipe, family: str, prompts, negatives, cfg: bool, device, size) -> dict:

@@ -1,6 +1,6 @@
 """Reading a pipeline's modules without changing them.
 
-* :func:`denoiser`: the network that denoises (a UNet, or a DiT's transformer);
+* :func:`denoiser` / :func:`family`: the network that denoises (a UNet, or a DiT's transformer) and its family;
 * :func:`conditioning`: text-encoder output -> what the cross-attention keys are projected from;
 * :func:`execution_device`: where the pipeline computes (also under CPU offload);
 * :func:`linear_parameters` / :func:`project`: a projection's weight and bias as plain detached
@@ -30,6 +30,15 @@ def denoiser(pipe) -> torch.nn.Module:
         if module is not None:
             return module
     raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer; pass a diffusers text-to-image pipeline")
+
+
+_FAMILIES = {"UNet2DConditionModel": "unet", "PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3",
+             "FluxTransformer2DModel": "flux"}
+
+
+def family(model: torch.nn.Module) -> str | None:
+    """The denoiser family daamlib reads: "unet" (SD 1.x/2.x/XL), "pixart", "sd3", "flux"; None for others."""
+    return _FAMILIES.get(type(model).__name__)
 
 
 def conditioning(pipe, text_embeddings: torch.Tensor) -> torch.Tensor:

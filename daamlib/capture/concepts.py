@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import split_heads
-from ..modules import denoiser, execution_device
+from ..modules import denoiser, execution_device, family
 from ..tokens import PromptTokens
 from .flux import is_flux
 from .layers import token_streams
 
-CONCEPT_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")  # MM-DiTs with a separate text stream
+CONCEPT_FAMILIES = ("sd3", "flux")  # MM-DiTs with a separate text stream
 
 
 def concept_stream(pipe, options) -> "ConceptStream | None":
@@ -44,7 +44,7 @@ def concept_stream(pipe, options) -> "ConceptStream | None":
     if options.concepts is None:
         return None
     model = denoiser(pipe)
-    if type(model).__name__ not in CONCEPT_MODELS:
+    if family(model) not in CONCEPT_FAMILIES:
         raise ValueError(f"concepts= runs ConceptAttention's concept stream through the text weights of MM-DiT blocks (SD3, "
                          f"Flux); {type(model).__name__} has none. For words outside the prompt there, trace with "
                          "contexts=[...] (open-vocabulary maps) or use daamlib.linear")

@@ -23,14 +23,13 @@ import math
 
 import torch
 
-from ..modules import denoiser
+from ..modules import denoiser, family
 
-FLUX_TRANSFORMERS = ("FluxTransformer2DModel",)  # denoisers whose FluxAttention layers the trace reads
 PATCH = 2  # the pipeline packs 2x2 latent pixels into one token
 
 
 def is_flux(model: torch.nn.Module) -> bool:
-    return type(model).__name__ in FLUX_TRANSFORMERS
+    return family(model) == "flux"
 
 
 def is_flux_attention(module: torch.nn.Module) -> bool:

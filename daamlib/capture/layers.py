@@ -9,7 +9,7 @@ from typing import Iterable, Literal
 
 import torch
 
-from ..modules import denoiser
+from ..modules import denoiser, family
 from .flux import is_flux, is_flux_attention
 
 AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read
@@ -114,6 +114,6 @@ def token_streams(pipe) -> list[tuple[str, str]]:
     CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
     (``text_encoder_2``; its CLIP gives only the pooled vector)."""
     streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
-    if type(denoiser(pipe)).__name__ == "SD3Transformer2DModel":
+    if family(denoiser(pipe)) == "sd3":
         streams.append(("text_encoder_3", "tokenizer_3"))
     return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]
