@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from daamlib import daam, generate, linear, openvocab
+from daamlib import daam, generate, linear, normalize, openvocab
 from daamlib.metrics import to_mask_resolution
 from daamlib.optimize import OptimizedTokens
 from daamlib.testing import tiny_random_pipeline
@@ -61,7 +61,7 @@ def test_free_text_methods_and_record_switch(records, pipe):
     browser = HeatmapBrowser(records, pipe=pipe)
     browser.method.value = "linear"
     browser.text.value = "tree"
-    torch.testing.assert_close(browser.current_heatmap, linear(records[0], "tree", pipe=pipe))
+    torch.testing.assert_close(browser.current_heatmap, normalize(linear(records[0], "tree", pipe=pipe)))  # min-max scaled, as evaluated
     browser.method.value = "open-vocabulary"
     torch.testing.assert_close(browser.current_heatmap, openvocab(records[0], "tree", "tree", pipe=pipe))
     browser.record_select.value = 1
@@ -74,7 +74,7 @@ def test_optimized_tokens_and_clear_errors(records, pipe):
     tokens = {"random": OptimizedTokens(vectors=vector, variant="linear", loss="ce", names=["x"], model_id=None)}
     browser = HeatmapBrowser(records, pipe=pipe, tokens=tokens)
     browser.method.value = "optimized"
-    torch.testing.assert_close(browser.current_heatmap, linear(records[0], vector[0]))
+    torch.testing.assert_close(browser.current_heatmap, normalize(linear(records[0], vector[0])))
     shown_before = browser.overlay_view.value
     browser.method.value = "linear"  # no phrase typed: the message says why and the old image is gone
     assert "type a phrase" in browser.message.value and browser.current_heatmap is None

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 
+from ..metrics import normalize
 from ..record import Record
 from .daam import daam
 from .linear import linear, linear_maps
@@ -100,16 +101,25 @@ class OpenVocabulary:
         return Attribution(heatmap, (phrase if self.token is None else f"{phrase}[{self.token}]",), self.name)
 
 
+def _min_max_linear(heatmap: torch.Tensor, variant: str, min_max: bool) -> torch.Tensor:
+    """A linear map M x is signed (no softmax keeps it positive; one can be negative everywhere), so it is
+    min-max scaled to [0, 1] as the thesis scales linear maps (§3.4): D >= τ·max D then keeps the top
+    (1 - τ) of the map's range. Softmax maps are returned as they are."""
+    return normalize(heatmap) if variant == "linear" and min_max else heatmap
+
+
 @dataclass(frozen=True)
 class LinearDAAM:
-    """The no-softmax map M x of the word's conditioning vector (eq. 3.7-3.8); ``pipe`` encodes words not in the prompt."""
+    """The no-softmax map of the word's conditioning vector (eq. 3.7-3.8), min-max scaled to [0, 1]
+    (``min_max=False``: M x itself, as ``daamlib.linear`` returns it); ``pipe`` encodes words not in the prompt."""
 
     pipe: Any = None
+    min_max: bool = True
     name: str = "Linear DAAM"
 
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
         heatmap = linear(record, word, pipe=self.pipe, occurrence=occurrence)
-        return Attribution(heatmap, _prompt_tokens(record, word, occurrence), self.name)
+        return Attribution(_min_max_linear(heatmap, "linear", self.min_max), _prompt_tokens(record, word, occurrence), self.name)
 
 
 @dataclass(frozen=True)
@@ -117,10 +127,12 @@ class OptimizedToken:
     """The object token of optimized vectors (eq. 3.9-3.11), chosen by the word they were initialised from.
 
     ``tokens`` maps words to :class:`~daamlib.optimize.OptimizedTokens`; linear tokens read the record's
-    linear matrix, softmax tokens its query cache (``pipe`` needed for W_k)."""
+    linear matrix (min-max scaled, as they were trained; ``min_max=False``: M x), softmax tokens its query
+    cache (``pipe`` needed for W_k)."""
 
     tokens: Mapping[str, Any]
     pipe: Any = None
+    min_max: bool = True
     name: str = "optimized"
 
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
@@ -128,13 +140,15 @@ class OptimizedToken:
             raise KeyError(f"no optimized tokens for {word!r}; optimized words: {sorted(self.tokens)}")
         found = self.tokens[word]
         maps = vector_maps(record, found.vectors, found.variant, self.pipe)  # [k, H, W]
-        return Attribution(maps[0].detach().cpu(), (found.names[0],), self.name)
+        heatmap = _min_max_linear(maps[0].detach().cpu(), found.variant, self.min_max)
+        return Attribution(heatmap, (found.names[0],), self.name)
 
     @classmethod
-    def by_init_word(cls, tokens: Sequence[Any] | Mapping[Any, Any], pipe=None, name: str = "optimized") -> "OptimizedToken":
+    def by_init_word(cls, tokens: Sequence[Any] | Mapping[Any, Any], pipe=None, name: str = "optimized",
+                     min_max: bool = True) -> "OptimizedToken":
         """Key tokens by the word each was initialised from (their ``init``)."""
         found = list(tokens.values()) if isinstance(tokens, Mapping) else list(tokens)
         missing = [t for t in found if t.init is None]
         if missing:
             raise ValueError("tokens initialised from a vector have no word; build OptimizedToken({word: tokens}) yourself")
-        return cls({t.init: t for t in found}, pipe, name)
+        return cls({t.init: t for t in found}, pipe, min_max, name)
