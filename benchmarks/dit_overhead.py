@@ -22,7 +22,7 @@ import torch
 
 import daamlib
 from daamlib.io import write_json
-from daamlib.testing_dit import PUBLISHED_TRANSFORMERS
+from daamlab.testing.dit import PUBLISHED_TRANSFORMERS
 
 from measure import interleaved, median_ratio  # benchmarks/ is on sys.path when this file runs as a script
 

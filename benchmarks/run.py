@@ -24,7 +24,7 @@ import transformers
 
 import daamlib
 from daamlib.io import write_json
-from daamlib.testing import sd2_base_random_pipeline, sdxl_base_random_pipeline
+from daamlab.testing.unet import sd2_base_random_pipeline, sdxl_base_random_pipeline
 
 from measure import peak_memory  # benchmarks/ is on sys.path when this file runs as a script
 from report import write_report

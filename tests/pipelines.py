@@ -1,6 +1,6 @@
-"""The tiny random-weight pipelines the tests use (built by daamlib.testing)."""
+"""The tiny random-weight pipelines the tests use (built by daamlab.testing.unet)."""
 
-from daamlib.testing import TEXT_DIM, clip_tokenizer, tiny_random_pipeline, tiny_text_encoder
+from daamlab.testing.unet import TEXT_DIM, clip_tokenizer, tiny_random_pipeline, tiny_text_encoder
 
 tiny_pipeline = tiny_random_pipeline
 

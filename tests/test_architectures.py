@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 import daamlib
-from daamlib.testing import SD2_BASE_UNET, SDXL_BASE_UNET, random_weights
+from daamlab.testing.unet import SD2_BASE_UNET, SDXL_BASE_UNET, random_weights
 from pipelines import clip_tokenizer, tiny_pipeline, tiny_text_encoder
 
 pytestmark = pytest.mark.slow

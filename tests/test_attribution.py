@@ -7,7 +7,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, U
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 import daamlib
-from daamlib.testing import TEXT_DIM, clip_tokenizer, tiny_text_encoder
+from daamlab.testing.unet import TEXT_DIM, clip_tokenizer, tiny_text_encoder
 from naive import naive_daam, naive_linear, record_everything
 from test_gpu_paths import OPTIONS, host_reads  # noqa: F401  (the fixture that watches the trace's hooks)
 

@@ -93,7 +93,7 @@ def _code_notebook(*sources: str) -> dict:
 REVIEW_CELLS = (
     """import os
 import numpy as np
-from daamlib.testing import tiny_random_pipeline
+from daamlab.testing.unet import tiny_random_pipeline
 from daamlab.experiments import build_dataset
 from daamlab.review import MaskReview
 

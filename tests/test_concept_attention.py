@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import daamlib
-from daamlib.testing import tiny_random_pipeline
-from daamlib.testing_dit import (sharpen_attention, tiny_random_flux_pipeline, tiny_random_pixart_pipeline,
+from daamlab.testing.unet import tiny_random_pipeline
+from daamlab.testing.dit import (sharpen_attention, tiny_random_flux_pipeline, tiny_random_pixart_pipeline,
                                  tiny_random_sd3_pipeline)
 from naive import naive_concept_maps, run_flux_with_concepts, run_with_concepts
 

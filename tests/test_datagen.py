@@ -57,7 +57,7 @@ def test_shards_cover_every_sample_exactly_once():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from daamlib.testing import tiny_random_pipeline
+    from daamlab.testing.unet import tiny_random_pipeline
 
     root = tmp_path_factory.mktemp("datagen")
     tiny_random_pipeline().save_pretrained(root / "model")

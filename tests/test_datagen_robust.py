@@ -205,7 +205,7 @@ def test_export_refuses_an_unfinished_shard_and_waiting_times_out_with_the_fix(t
 
 # -- launched processes: one shard and one device per rank, one export -------------------------------
 def test_two_launched_ranks_build_disjoint_complete_shards_and_export_once(tmp_path):
-    from daamlib.testing import tiny_random_pipeline
+    from daamlab.testing.unet import tiny_random_pipeline
 
     tiny_random_pipeline().save_pretrained(tmp_path / "model")
     prompts = tmp_path / "prompts.yaml"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import daamlib
-from daamlib.testing_dit import tiny_random_pixart_pipeline, tiny_random_sd3_pipeline
+from daamlab.testing.dit import tiny_random_pixart_pipeline, tiny_random_sd3_pipeline
 from naive import naive_daam, naive_linear, record_everything
 
 PROMPT = "a car and a tree on the road"

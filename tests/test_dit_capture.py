@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import daamlib
-from daamlib.testing_dit import published_transformer_on_meta, tiny_random_pixart_pipeline
+from daamlab.testing.dit import published_transformer_on_meta, tiny_random_pixart_pipeline
 from naive import naive_daam, naive_linear, record_everything
 
 PROMPT = "a car and a tree on the road"

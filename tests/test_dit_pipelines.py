@@ -1,4 +1,4 @@
-"""daamlib.testing_dit: tiny random DiT pipelines (PixArt-α, SD3, Flux), their T5 tokenizer, sharper
+"""daamlab.testing.dit: tiny random DiT pipelines (PixArt-α, SD3, Flux), their T5 tokenizer, sharper
 attention, and the published transformers on the meta device."""
 
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from daamlib.testing_dit import (
+from daamlab.testing.dit import (
     LATENT_CHANNELS,
     PUBLISHED_TRANSFORMERS,
     SHARPEN,

@@ -10,7 +10,7 @@ import torch
 
 import daamlib
 from daamlib.capture.trace import Trace
-from daamlib.testing_dit import published_transformer_on_meta, tiny_random_flux_pipeline
+from daamlab.testing.dit import published_transformer_on_meta, tiny_random_flux_pipeline
 from naive import naive_daam, record_everything
 from test_gpu_paths import HostReads
 

@@ -3,7 +3,7 @@ import torch
 
 import daamlib
 from daamlib.methods.daam import daam_02_layers
-from daamlib.testing import tiny_random_pipeline
+from daamlab.testing.unet import tiny_random_pipeline
 from naive import daam02_hooked_layers, naive_daam, naive_daam02, naive_linear, record_everything
 
 PROMPT = "a car and a tree in an urban environment"

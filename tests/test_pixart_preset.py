@@ -44,7 +44,7 @@ TINY_COUNTS = {  # the preset's notebook parameters, made tiny as in toy-smoke
 def tiny_pixart_like_the_512_model():
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
-    from daamlib.testing_dit import tiny_random_pixart_pipeline
+    from daamlab.testing.dit import tiny_random_pixart_pipeline
 
     pipe = tiny_random_pixart_pipeline(seed=0, sample_size=SIZE // 8, sharpen=4.0)
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def test_the_preset_uses_pixarts_own_settings():
     from diffusers import PixArtAlphaPipeline
     from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN
 
-    from daamlib.testing_dit import PIXART_ALPHA_512_TRANSFORMER
+    from daamlab.testing.dit import PIXART_ALPHA_512_TRANSFORMER
 
     preset = load_preset(PRESET)
     defaults = inspect.signature(PixArtAlphaPipeline.__call__).parameters
@@ -162,8 +162,8 @@ def test_background_init_is_sot_for_clip_and_the_end_token_for_t5():
     from types import SimpleNamespace
 
     from daamlib.optimize import default_background
-    from daamlib.testing import clip_tokenizer
-    from daamlib.testing_dit import build_t5_tokenizer
+    from daamlab.testing.unet import clip_tokenizer
+    from daamlab.testing.dit import build_t5_tokenizer
     from daamlib.tokens import PromptTokens
 
     for tokenizer, expected in ((clip_tokenizer(), "<sot>"), (build_t5_tokenizer(), "<eot>")):
@@ -174,8 +174,8 @@ def test_background_init_is_sot_for_clip_and_the_end_token_for_t5():
 
 def test_rendered_scenes_take_the_size_of_unet_and_dit_pipelines():
     from daamlab.experiments.rendered import default_image_size
-    from daamlib.testing import tiny_random_pipeline
-    from daamlib.testing_dit import tiny_random_flux_pipeline
+    from daamlab.testing.unet import tiny_random_pipeline
+    from daamlab.testing.dit import tiny_random_flux_pipeline
 
     assert default_image_size(tiny_random_pipeline()) == 32  # the UNet's sample_size 16 x the tiny VAE's 2
     assert default_image_size(tiny_pixart_like_the_512_model()) == SIZE

@@ -10,7 +10,7 @@ from PIL import Image
 from daamlib import daam, generate, linear, normalize, openvocab
 from daamlib.metrics import to_mask_resolution
 from daamlib.optimize import OptimizedTokens
-from daamlib.testing import tiny_random_pipeline
+from daamlab.testing.unet import tiny_random_pipeline
 from daamlib.widgets import HeatmapBrowser, default_token
 
 pytest.importorskip("ipywidgets")

@@ -48,7 +48,7 @@ from daamlab.toyworld.architecture import (
 )
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
-from daamlib.testing import build_clip_tokenizer
+from daamlab.testing.unet import build_clip_tokenizer
 
 STAGES = ("data", "vae", "annotator", "textenc", "unet")
 # Seeds of a stage's steps: fixed per stage, so that adding a stage changes no other stage's randomness.

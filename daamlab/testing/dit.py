@@ -32,7 +32,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from .testing import TEXT_DIM, clip_tokenizer, tiny_text_encoder
+from .unet import TEXT_DIM, clip_tokenizer, tiny_text_encoder
 
 T5_MAX_LENGTH = 32  # positions of the tiny pipelines' T5 prompts (PixArt-α uses 120, SD3 256, Flux-dev 512)
 T5_VOCAB_SIZE = 400  # an upper bound: the trainer keeps fewer pieces on a corpus this small
@@ -154,7 +154,7 @@ def tiny_clip_with_projection(hidden_size: int = TEXT_DIM) -> CLIPTextModelWithP
 
 
 def tiny_vae(latent_channels: int = LATENT_CHANNELS, flow: dict | None = None) -> AutoencoderKL:
-    """Factor-2 VAE as in ``daamlib.testing``; ``flow`` (SD3, Flux): the published scaling and shift factors and,
+    """Factor-2 VAE as in ``daamlab.testing.unet``; ``flow`` (SD3, Flux): the published scaling and shift factors and,
     as in those VAEs, no quant convolutions."""
     extra = {**flow, "use_quant_conv": False, "use_post_quant_conv": False} if flow else {}
     return AutoencoderKL(

@@ -27,7 +27,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .tokens import byte_level_alphabet
+from daamlib.tokens import byte_level_alphabet
 
 TEXT_DIM = 32
 CLIP_CONTEXT_LENGTH = 77  # positions of SD's CLIP tokenizer (the tokenizer of a real pipeline says its own)
