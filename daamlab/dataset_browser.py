@@ -6,7 +6,7 @@
 Each finished sample (``samples/<index>/`` with ``meta.json``, written last by the generator) is shown
 as its image, its labels over the image (one colour per labelled word, dark grey background, white
 where several words claim a pixel) and each labelled word's DAAM map over the image on the
-D / max D scale of :class:`daamlib.widgets.HeatmapBrowser`. "previous" / "next" buttons, a sample
+D / max D scale of :class:`daamlab.widgets.HeatmapBrowser`. "previous" / "next" buttons, a sample
 number box and a slider move between samples (the buttons and the box work from the keyboard: Tab
 to them, Enter / Space or type a number). Unfinished samples (no ``meta.json``) are not listed.
 ipywidgets is imported only when ``widget`` is first read.
@@ -77,7 +77,7 @@ class DatasetBrowser:
         from daamlib.methods import daam
         from daamlib.metrics import to_mask_resolution
         from daamlib.record import load_record
-        from daamlib.widgets import colorize, scaled
+        from daamlab.widgets import colorize, scaled
 
         folder = self.folders[self.index if index is None else index]
         meta = self.meta(index)

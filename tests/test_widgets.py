@@ -11,7 +11,7 @@ from daamlib import daam, generate, linear, normalize, openvocab
 from daamlib.metrics import to_mask_resolution
 from daamlib.optimize import OptimizedTokens
 from daamlab.testing.unet import tiny_random_pipeline
-from daamlib.widgets import HeatmapBrowser, default_token
+from daamlab.widgets import HeatmapBrowser, default_token
 
 pytest.importorskip("ipywidgets")
 
@@ -99,7 +99,7 @@ def test_opens_on_the_object_word_not_the_article(records, pipe):
 
 def test_overlay_scale_matches_the_threshold_and_the_mask(records, pipe):
     """The overlay shows D / max D; the mask is on exactly where that value reaches τ."""
-    from daamlib.widgets import scaled
+    from daamlab.widgets import scaled
 
     browser = HeatmapBrowser(records, pipe=pipe)
     for tau in (0.0, 0.4, 0.75, 1.0):

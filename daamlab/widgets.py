@@ -1,6 +1,6 @@
 """An ipywidgets heatmap browser over one or many records.
 
-    from daamlib.widgets import HeatmapBrowser
+    from daamlab.widgets import HeatmapBrowser
     HeatmapBrowser(records, pipe=pipe, tokens={"car": optimized}).widget   # display in JupyterLab
 
 Methods: DAAM of a prompt token (SOT and EOT included), open-vocabulary and linear maps of any
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .methods import DAAM, HeatmapMethod, LinearDAAM, OpenVocabulary, OptimizedToken
-from .metrics import binarize, to_mask_resolution
-from .optimize import OptimizedTokens
-from .record import Record
+from daamlib.methods import DAAM, HeatmapMethod, LinearDAAM, OpenVocabulary, OptimizedToken
+from daamlib.metrics import binarize, to_mask_resolution
+from daamlib.optimize import OptimizedTokens
+from daamlib.record import Record
 
 METHODS = ("DAAM", "open-vocabulary", "linear", "optimized")
 # words the browser does not open on: articles, prepositions, conjunctions
