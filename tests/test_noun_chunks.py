@@ -7,7 +7,7 @@ import torch
 from spacy.tokens import Doc
 
 import daamlib
-from daamlib.concepts import chunk_maps, concept_statistics, noun_chunks, score_segmenter
+from daamlab.noun_chunks import chunk_maps, concept_statistics, noun_chunks, score_segmenter
 
 
 def parsed(caption):

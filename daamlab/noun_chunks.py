@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .methods import daam, resize
-from .metrics import iou, normalize, pearson, to_mask_resolution
-from .record import Record
+from daamlib.methods import daam, resize
+from daamlib.metrics import iou, normalize, pearson, to_mask_resolution
+from daamlib.record import Record
 
 DEFAULT_SPACY_MODEL = "en_core_web_sm"
 
