@@ -12,21 +12,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
-from PIL import Image
 
 from daamlab import data_dir
 from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
 from daamlab.experiments.dataset import annotate_toy_dataset
-from daamlab.plotting import heatmap_at_image
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import Annotator
-from daamlab.toyworld.diagnostics import BACKGROUND_LABELS, format_cosines, pipeline_cosines
-from daamlab.toyworld_report import model_fingerprint
+from daamlab.toyworld.diagnostics import format_cosines, pipeline_cosines
+from daamlab.toyworld_report import model_fingerprint, openvocab_shares
 from daamlib.methods import DAAM
-from daamlib.methods.linear import linear
 from daamlib.models import load_pipeline, toy_model_dir
 
 
@@ -38,20 +33,6 @@ def quick_check(pipe, annotator, dataset_dir: Path, seeds: int = 8) -> dict[str,
     shares = annotate_toy_dataset(dataset, annotator)
     daam_table = class_curves(dataset, DAAM()).summary()
     return {"daam": daam_table, "fidelity": prompt_fidelity(shares), "openvocab": openvocab_shares(dataset, pipe)}
-
-
-def openvocab_shares(dataset, pipe) -> pd.DataFrame:
-    """Per background word: mean share of its normalised linear map's mass on its label, and that
-    label's mean pixel share (what a flat map would get), over every image of ``dataset``."""
-    rows = []
-    for _, row in dataset.manifest.iterrows():
-        labels = np.asarray(Image.open(dataset.directory / "labels" / f"{row['name']}.png"))  # [S, S]
-        record = dataset.record(row)
-        for word, label in BACKGROUND_LABELS.items():
-            heatmap = heatmap_at_image(linear(record, word, pipe=pipe), labels.shape)  # [S, S] in [0, 1]
-            rows.append({"word": word, "mass share": float(heatmap[labels == label].sum() / max(heatmap.sum(), 1e-8)),
-                         "area share": float((labels == label).mean())})
-    return pd.DataFrame(rows).groupby("word", sort=False).mean()
 
 
 def main(argv=None) -> None:
