@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from .capture import trace
-from .capture.flux import separate_guidance_calls
+from .modules import denoiser, family
 from .record import Record
 
 
@@ -65,7 +65,7 @@ def generate(
             call[name] = value
     if negative_prompt is not None:
         call["negative_prompt"] = _negatives(negative_prompt, len(prompts))
-    if "cfg" not in trace_kwargs and not hasattr(type(pipe), "do_classifier_free_guidance") and not separate_guidance_calls(pipe):
+    if "cfg" not in trace_kwargs and not hasattr(type(pipe), "do_classifier_free_guidance") and family(denoiser(pipe)) != "flux":
         # PixArt's pipeline keeps its CFG flag local; its rule is guidance_scale > 1. Flux's batch never holds two
         # halves (guidance_scale is its distilled guidance; true CFG makes separate calls the trace tells apart)
         scale = call.get("guidance_scale", inspect.signature(pipe.__call__).parameters["guidance_scale"].default)

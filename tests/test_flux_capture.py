@@ -128,9 +128,9 @@ def test_flux_generations_read_img_ids_once_and_nothing_else(flux, monkeypatch):
             with reads:
                 return _original(self, *args, **kwargs)
         monkeypatch.setattr(Trace, name, watched)
-    trace_module = sys.modules[Trace.__module__]  # daamlib.capture.trace is also the name of the function
-    original_grid = trace_module.token_grid
-    monkeypatch.setattr(trace_module, "token_grid", lambda *a: grids.append(a) or original_grid(*a))
+    flux_module = sys.modules["daamlib.capture.flux"]  # where the trace's FluxReader reads the token grid
+    original_grid = flux_module.token_grid
+    monkeypatch.setattr(flux_module, "token_grid", lambda *a: grids.append(a) or original_grid(*a))
     with daamlib.trace(flux, per_head=True, per_step=True) as tr:
         run(flux, steps=3, **TRUE_CFG)
         run(flux, prompt="a person", steps=2)

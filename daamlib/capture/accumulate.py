@@ -35,8 +35,8 @@ class GenerationState:
     latent_size: tuple[int, int]
     token_streams: list[tuple[torch.Tensor, object]]  # ([prompts, n_i] ids of the traced branch, tokenizer) in the
     # order the denoiser reads them (SD3: CLIP then T5); empty when the prompt came as embeddings
-    text_embeddings: torch.Tensor  # [num_images, n, d_text]
     expected_steps: int | None  # UNet calls of this generation, as the pipeline announced them
+    text_embeddings: torch.Tensor | None = None  # [num_images, n, d_text], from the traced branch's first call
     timesteps: list[torch.Tensor] = field(default_factory=list)  # 0-d, one per UNet call
     layers: dict[str, LayerMeta] = field(default_factory=dict)
     daam: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, n]
@@ -146,6 +146,9 @@ class GenerationState:
 
         Maps go to the CPU in float32; the query cache stays where it was recorded.
         """
+        if self.text_embeddings is None:
+            raise ValueError(f"no denoiser call of the traced branch ({self.options.branch!r}) ran in this generation; "
+                             "Flux calls the negative prompt's only with true CFG (negative_prompt=, true_cfg_scale > 1)")
         if self.text_embeddings.is_cuda:
             torch.cuda.synchronize(self.text_embeddings.device)  # non-blocking copies into pinned host memory have landed
         linear_matrix, linear_bias = self._collapse_linear(key_parameters)

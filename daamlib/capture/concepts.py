@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from ..layout import split_heads
 from ..modules import denoiser, execution_device, family
 from ..tokens import PromptTokens
-from .flux import is_flux
 from .layers import token_streams
 
 CONCEPT_FAMILIES = ("sd3", "flux")  # MM-DiTs with a separate text stream
@@ -93,7 +92,7 @@ class ConceptStream:
 
     def __init__(self, pipe, concepts: Sequence[str], streams: list[tuple[str, str]]) -> None:
         self.model = denoiser(pipe)
-        self.flux = is_flux(self.model)
+        self.flux = family(self.model) == "flux"
         self.vectors = encode_concepts(pipe, concepts, streams)  # [k, d_encoder]
         self._call: tuple[dict, slice] | None = None  # the denoiser call's inputs and traced rows
         self._residual: torch.Tensor | None = None  # [N, k, C] entering the next block

@@ -14,7 +14,7 @@ grid (h, w) comes from ``img_ids`` [h*w, 3] = (0, row, column); the VAE latent i
 
 Guidance: Flux-dev is guidance-distilled, so the batch holds the prompt only. With ``true_cfg_scale > 1``
 and a negative prompt, the pipeline calls the transformer a second time per step, prompt first, then the
-negative prompt, on the same latents; :class:`GuidanceCalls` tells the calls apart without reading values.
+negative prompt, on the same latents; :class:`FluxReader` tells the calls apart without reading values.
 """
 
 from __future__ import annotations
@@ -23,13 +23,9 @@ import math
 
 import torch
 
-from ..modules import denoiser, family
+from ..modules import family
 
 PATCH = 2  # the pipeline packs 2x2 latent pixels into one token
-
-
-def is_flux(model: torch.nn.Module) -> bool:
-    return family(model) == "flux"
 
 
 def is_flux_attention(module: torch.nn.Module) -> bool:
@@ -39,7 +35,7 @@ def is_flux_attention(module: torch.nn.Module) -> bool:
 def check_flux(model: torch.nn.Module, cfg: bool | None) -> None:
     """Refuses what would be read wrongly: Flux built from the generic ``Attention`` by older diffusers (its rotary
     embeddings and [text, image] order would be missed), and ``cfg=True`` (no Flux batch holds two halves)."""
-    if not is_flux(model):
+    if family(model) != "flux":
         return
     if not any(is_flux_attention(m) for m in model.modules()):
         raise NotImplementedError("this diffusers builds Flux's blocks from the generic Attention class; daamlib reads "
@@ -53,11 +49,6 @@ def check_flux(model: torch.nn.Module, cfg: bool | None) -> None:
 NO_NEGATIVE_CALLS = ("branch='uncond' traces the negative prompt's transformer calls, which FluxPipeline makes only with "
                      "true classifier-free guidance: pass negative_prompt= and true_cfg_scale > 1 (guidance_scale is "
                      "Flux's distilled guidance, not CFG)")
-
-
-def separate_guidance_calls(pipe) -> bool:
-    """Whether the pipeline runs classifier-free guidance as separate transformer calls (Flux), not as batch halves."""
-    return is_flux(denoiser(pipe))
 
 
 def token_grid(img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
@@ -106,24 +97,38 @@ def _heads(attn, projected: torch.Tensor) -> torch.Tensor:
     return projected.unflatten(-1, (-1, attn.head_dim))  # [N, S, heads, head_dim], the processor's layout
 
 
-class GuidanceCalls:
-    """Says which Flux transformer call this is: the first of a generation, the prompt's, or the negative prompt's.
+class FluxReader:
+    """How a trace reads Flux's transformer calls: batch layout, latent size, timestep and joint attention (as
+    :class:`daamlib.capture.trace.BatchedReader` reads the other families'). A step is one prompt call; only the calls
+    of ``branch`` are traced, never a mix (see the module docstring).
 
-    The pipeline passes the same prompt-embedding tensor at every step, and the negative call of a step gets the
-    very latents tensor its prompt call got. Both are compared by identity (references are kept, so a freed
-    tensor's memory taken by a new one is never mistaken for it); no value is read."""
+    The pipeline passes the same prompt-embedding tensor at every step, and the negative call of a step gets the very
+    latents tensor its prompt call got. Both are compared by identity (references are kept, so a freed tensor's memory
+    taken by a new one is never mistaken for it); no value is read."""
 
-    def __init__(self) -> None:
-        self.release()
-
-    def release(self) -> None:
+    def __init__(self, branch: str) -> None:
+        self.uncond = branch == "uncond"
         self.prompt: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
         self.prompt_calls = self.negative_calls = 0
+        self.text_length = 0  # text positions of the current call (its single-stream blocks see [text, image])
 
-    def classify(self, latents: torch.Tensor, context: torch.Tensor, fresh: bool, complete: bool) -> str:
-        """"start", "prompt" or "negative". ``fresh``: a generation must start (none yet, or the text encoders ran);
-        ``complete``: the current one has had all its prompt calls (its last negative call may still come)."""
+    def read(self, inputs: dict, fresh: bool, complete: bool) -> tuple[bool, int, slice | None, torch.Tensor | None]:
+        """(starts a generation, images, the traced rows or None, timestep or None: the negative call of a step).
+        ``fresh``: a generation must start (none yet, or the text encoders ran); ``complete``: the current one has
+        had all its prompt calls (its last negative call may still come)."""
+        latents, context = inputs["hidden_states"], inputs["encoder_hidden_states"]  # [B, h*w, 4C], [B, n, d_text]
+        call = self._classify(latents, context, fresh, complete)
+        if call == "prompt" and self.uncond and self.negative_calls < self.prompt_calls - 1:
+            raise ValueError(NO_NEGATIVE_CALLS)
+        self.text_length = context.shape[1]
+        traced = (call == "negative") == self.uncond
+        # the model gets t / 1000; the record keeps the scheduler's scale of t, as for SD3
+        timestep = None if call == "negative" else torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000
+        return call == "start", latents.shape[0], slice(0, latents.shape[0]) if traced else None, timestep
+
+    def _classify(self, latents: torch.Tensor, context: torch.Tensor, fresh: bool, complete: bool) -> str:
+        """"start", "prompt" or "negative"."""
         if not fresh and context is not self.prompt and latents is self.latents and self.negative_calls < self.prompt_calls:
             self.negative_calls += 1
             return "negative"
@@ -133,3 +138,16 @@ class GuidanceCalls:
             return "prompt"
         self.prompt, self.latents, self.prompt_calls, self.negative_calls = context, latents, 1, 0
         return "start"
+
+    def latent_size(self, inputs: dict, encoder_calls: dict[str, list]) -> tuple[int, int]:
+        """The VAE latent (2h, 2w) of a generation that starts; ``encoder_calls``: the text encoders' calls before it."""
+        if self.uncond and any(len(calls) == 1 for calls in encoder_calls.values()):
+            raise ValueError(NO_NEGATIVE_CALLS)  # only the prompt was encoded
+        rows, cols = token_grid(inputs["img_ids"], inputs["hidden_states"].shape[1])  # reads img_ids once per generation
+        return PATCH * rows, PATCH * cols
+
+    def joint_attention(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, rotary):
+        """(image queries, image keys, text keys) [N, heads, positions, d] and the softmax scale (see
+        :func:`image_queries_and_keys`: rotary embeddings over [text, image], each block's own norms)."""
+        return (*image_queries_and_keys(attn, hidden_states, encoder_hidden_states, rotary, self.text_length),
+                attention_scale(attn))

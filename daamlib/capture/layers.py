@@ -10,7 +10,7 @@ from typing import Iterable, Literal
 import torch
 
 from ..modules import denoiser, family
-from .flux import is_flux, is_flux_attention
+from .flux import is_flux_attention
 
 AttentionKind = Literal["cross", "joint", "self", "other"]  # "other": attention daamlib cannot read
 TEXT_KINDS = ("cross", "joint")  # image queries attend to text keys: cross-attention, or MM-DiT joint attention (SD3, Flux)
@@ -39,29 +39,18 @@ class AttentionLayer:
 def attention_layers(unet: torch.nn.Module, kind: AttentionKind | Literal["text"] | None = "text") -> list[AttentionLayer]:
     """The denoiser's attention layers of ``kind``: "text" (the default) for those whose image queries attend
     to text (cross and joint), one kind, or ``None`` for all; in U-Net order (down, mid, up), else module order."""
-    names = [key[: -len(_PROCESSOR_SUFFIX)] for key in unet.attn_processors]
     layers = []
-    for position, name in enumerate(names):
+    for key in unet.attn_processors:
+        name = key[: -len(_PROCESSOR_SUFFIX)]
         module = unet.get_submodule(name)
-        layer_kind = _kind(module, is_flux(unet))
+        layer_kind = _kind(module, family(unet) == "flux")
         if kind is not None and layer_kind != kind and not (kind == "text" and layer_kind in TEXT_KINDS):
             continue
         text_keys = getattr(module, "add_k_proj", None) or module.to_k  # Flux's single-stream blocks: one to_k
         inner_dim = module.to_q.out_features
-        layers.append(
-            (
-                _BLOCK_ORDER.get(name.split(".")[0], len(_BLOCK_ORDER)),
-                position,
-                AttentionLayer(
-                    name=name,
-                    kind=layer_kind,
-                    heads=module.heads,
-                    head_dim=inner_dim // module.heads,
-                    key_dim=text_keys.in_features,
-                ),
-            )
-        )
-    return [layer for _, _, layer in sorted(layers, key=lambda item: item[:2])]
+        layers.append(AttentionLayer(name=name, kind=layer_kind, heads=module.heads, head_dim=inner_dim // module.heads,
+                                     key_dim=text_keys.in_features))
+    return sorted(layers, key=lambda layer: _BLOCK_ORDER.get(layer.block, len(_BLOCK_ORDER)))  # stable: module order within
 
 
 def _kind(module: torch.nn.Module, flux_model: bool) -> AttentionKind:
@@ -113,7 +102,8 @@ def token_streams(pipe) -> list[tuple[str, str]]:
     """(text encoder, tokenizer) attribute names whose tokens make the denoiser's text sequence, in its order:
     CLIP (SD, SDXL, whose second CLIP shares the positions) or T5 (PixArt); SD3: CLIP, then T5; Flux: T5 alone
     (``text_encoder_2``; its CLIP gives only the pooled vector)."""
-    streams = [("text_encoder_2", "tokenizer_2")] if is_flux(denoiser(pipe)) else [("text_encoder", "tokenizer")]
-    if family(denoiser(pipe)) == "sd3":
+    kind = family(denoiser(pipe))
+    streams = [("text_encoder_2", "tokenizer_2")] if kind == "flux" else [("text_encoder", "tokenizer")]
+    if kind == "sd3":
         streams.append(("text_encoder_3", "tokenizer_3"))
     return [(encoder, tokenizer) for encoder, tokenizer in streams if getattr(pipe, encoder, None) is not None]

@@ -16,12 +16,11 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from ..modules import conditioning, denoiser, execution_device, linear_parameters, model_fingerprint
+from ..modules import conditioning, denoiser, execution_device, family, linear_parameters, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
 from .concepts import ConceptStream, concept_stream
-from .flux import (NO_NEGATIVE_CALLS, PATCH, GuidanceCalls, attention_scale, check_flux, image_queries_and_keys, is_flux,
-                   token_grid)
+from .flux import FluxReader, check_flux
 from .options import TraceOptions
 from .layers import AttentionLayer, attention_layers, select_layers, token_streams
 from ..layout import split_heads
@@ -45,7 +44,6 @@ class Trace:
         self.options = options
         self.unet_calls = unet_calls  # set when the caller drives the UNet itself (see trace)
         self.layers = layers
-        self.cfg = options.cfg
         self.contexts = contexts
         self.concepts = concepts  # ConceptAttention's concept stream (SD3, Flux), or None
         self.fingerprint = fingerprint
@@ -56,9 +54,7 @@ class Trace:
         self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
         self._rows: slice | None = slice(0, 0)  # None: this call is of the branch not traced (Flux's true CFG)
         self._capture_self_attention = False
-        self.flux = is_flux(self.denoiser)
-        self._guidance = GuidanceCalls()  # Flux: which call is the prompt's, which the negative prompt's
-        self._text_length = 0  # Flux: text positions of the current call (its single-stream blocks see [text, image])
+        self.reader = FluxReader(options.branch) if family(self.denoiser) == "flux" else BatchedReader(pipe, options, unet_calls)
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -77,75 +73,21 @@ class Trace:
 
     def on_denoiser(self, module, args, kwargs) -> None:
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments  # UNet and DiT order their inputs differently
-        if self.flux:
-            return self._on_flux_call(inputs)
-        sample = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w] latents
-        timestep, context = inputs["timestep"], inputs["encoder_hidden_states"]
-        batch = sample.shape[0]
-        cfg = self._uses_cfg()
-        if cfg and batch % 2:
-            raise ValueError(f"classifier-free guidance with an odd batch of {batch}; pass cfg=False to trace")
-        num_images = batch // 2 if cfg else batch
-        if self.options.branch == "uncond" and not cfg:
-            raise ValueError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
-        if self._current is None or self._encoder_ids or self._current.complete:
+        fresh = self._current is None or bool(self._encoder_ids)
+        starts, num_images, self._rows, timestep = self.reader.read(inputs, fresh, fresh or self._current.complete)
+        if starts:
             self._finish_current()
-            self._start(num_images, tuple(sample.shape[-2:]), context, cfg)
+            self._start(num_images, self.reader.latent_size(inputs, self._encoder_ids))
         elif num_images != self._current.num_images:
             raise ValueError(f"the batch changed from {self._current.num_images} to {num_images} images mid-generation")
-        self._rows = self._traced_rows(num_images, cfg)
-        self._current.add_timestep(torch.as_tensor(timestep).detach().reshape(-1)[0])
+        if timestep is not None:  # None: the negative prompt's call of a step (Flux's true CFG)
+            self._current.add_timestep(timestep)
+        if self._rows is not None and self._current.text_embeddings is None:  # the traced branch's first call
+            context = inputs["encoder_hidden_states"][self._rows]  # [N, n, d_text]
+            self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()
         self._capture_self_attention = self.options.self_attention and self._current.at_last_step
         if self.concepts is not None:
             self.concepts.start_call(inputs, self._rows)
-
-    def _on_flux_call(self, inputs: dict) -> None:
-        """Flux: the batch holds the prompt only; true CFG adds a call with the negative prompt after each prompt
-        call. A step is one prompt call; only the calls of ``branch`` are traced, never a mix (see ``.flux``)."""
-        latents, context = inputs["hidden_states"], inputs["encoder_hidden_states"]  # [B, h*w, 4C], [B, n, d_text]
-        fresh = self._current is None or bool(self._encoder_ids)
-        call = self._guidance.classify(latents, context, fresh, not fresh and self._current.complete)
-        if call == "start":
-            self._finish_current()
-            rows, cols = token_grid(inputs["img_ids"], latents.shape[1])  # reads img_ids once per generation
-            self._start(latents.shape[0], (PATCH * rows, PATCH * cols), context, cfg=False)
-        elif latents.shape[0] != self._current.num_images:
-            raise ValueError(f"the batch changed from {self._current.num_images} to {latents.shape[0]} images mid-generation")
-        uncond = self.options.branch == "uncond"
-        if call == "prompt" and uncond and self._guidance.negative_calls < self._guidance.prompt_calls - 1:
-            raise ValueError(NO_NEGATIVE_CALLS)
-        if call != "negative":  # the model gets t / 1000; the record keeps the scheduler's scale of t, as for SD3
-            self._current.add_timestep(torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000)
-        traced = (call == "negative") == uncond
-        if traced and call == "negative" and self._guidance.negative_calls == 1:
-            self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()
-        self._rows = slice(0, latents.shape[0]) if traced else None
-        self._text_length = context.shape[1]
-        if self.concepts is not None:
-            self.concepts.start_call(inputs, self._rows)
-
-    def _traced_rows(self, num_images: int, cfg: bool) -> slice:
-        """diffusers batches CFG as [uncond x N, cond x N]; without CFG all N rows are conditional."""
-        return slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
-
-    def _uses_cfg(self) -> bool:
-        # direct UNet calls (unet_calls set, cfg given): the pipeline's flag is stale or missing, so it is not read
-        pipeline_cfg = None if self.unet_calls is not None else getattr(self.pipe, "do_classifier_free_guidance", None)
-        if self.cfg is None:
-            if pipeline_cfg is None:
-                raise ValueError(
-                    f"{type(self.pipe).__name__} does not say whether it uses classifier-free guidance; "
-                    "pass cfg=True or cfg=False to trace"
-                )
-            return bool(pipeline_cfg)
-        if pipeline_cfg is not None and bool(pipeline_cfg) != self.cfg:
-            uses = "uses" if pipeline_cfg else "does not use"
-            raise ValueError(
-                f"trace(cfg={self.cfg}) but this pipeline call {uses} classifier-free guidance "
-                f"(guidance_scale={getattr(self.pipe, 'guidance_scale', '?')}); leave cfg=None so the pipeline's own "
-                "batch layout is traced, or change guidance_scale"
-            )
-        return self.cfg
 
     def _expected_steps(self) -> int | None:
         """How many UNet calls this generation makes (diffusers sets it before its denoising loop)."""
@@ -157,12 +99,9 @@ class Trace:
         timesteps = getattr(self.pipe.scheduler, "timesteps", None)
         return None if timesteps is None else len(timesteps)
 
-    def _start(self, num_images: int, latent_size: tuple[int, int], context: torch.Tensor, cfg: bool) -> None:
+    def _start(self, num_images: int, latent_size: tuple[int, int]) -> None:
         encoder_calls, self._encoder_ids = self._encoder_ids, {}
-        negative = self.options.branch == "uncond" and (cfg or self.flux)
-        if negative and self.flux and any(len(calls) == 1 for calls in encoder_calls.values()):
-            raise ValueError(NO_NEGATIVE_CALLS)  # only the prompt was encoded
-        call = 1 if negative else 0  # the negative prompt is encoded second
+        call = 1 if self.options.branch == "uncond" else 0  # the negative prompt is encoded second
         streams = [(encoder_calls[name][call], getattr(self.pipe, tokenizer)) for name, tokenizer in token_streams(self.pipe)
                    if len(encoder_calls.get(name, [])) > call]  # none when the prompt came as embeddings
         if streams and num_images % streams[0][0].shape[0]:
@@ -172,15 +111,8 @@ class Trace:
         if wanted and expected_steps is not None and max(wanted) >= expected_steps:
             raise ValueError(f"query_steps {sorted(wanted)} reach past this generation's {expected_steps} UNet calls "
                              f"(steps 0..{expected_steps - 1}); choose steps inside that range")
-        rows = self._traced_rows(num_images, cfg)
-        self._current = GenerationState(
-            options=self.options,
-            num_images=num_images,
-            latent_size=latent_size,
-            token_streams=streams,
-            text_embeddings=conditioning(self.pipe, context[rows].detach()).float(),
-            expected_steps=expected_steps,
-        )
+        self._current = GenerationState(options=self.options, num_images=num_images, latent_size=latent_size,
+                                        token_streams=streams, expected_steps=expected_steps)
 
     def _finish_current(self) -> None:
         if self._current is not None:
@@ -241,14 +173,7 @@ class Trace:
             return
         text = None if encoder_hidden_states is None else encoder_hidden_states[self._rows]  # [N, n, C]
         hidden = hidden_states[self._rows]  # [N, hw, C] (Flux's single-stream blocks: [N, n + hw, C])
-        if self.flux:  # rotary embeddings over [text, image], each block's own norms
-            queries, image_keys, text_keys = image_queries_and_keys(attn, hidden, text, rotary, self._text_length)
-            scale = attention_scale(attn)  # [N, heads, positions, d]
-        else:
-            queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden), attn.heads))  # [N, heads, hw, d]
-            image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden), attn.heads))  # [N, heads, hw, d]
-            text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(text), attn.heads))  # [N, heads, n, d]
-            scale = attn.scale
+        queries, image_keys, text_keys, scale = self.reader.joint_attention(attn, hidden, text, rotary)
         state.register_layer(layer, queries.shape[2], scale)
         if self.options.daam:
             state.add_joint_attention(layer, queries, image_keys, text_keys, scale)
@@ -274,6 +199,55 @@ class Trace:
         if self._current is None:
             raise RuntimeError(f"{layer.name} ran outside a UNet call; trace only wraps pipeline or UNet calls")
         return self._current
+
+
+class BatchedReader:
+    """How a trace reads the calls of a UNet (SD 1.x/2.x/XL), PixArt or SD3: one call per step, classifier-free guidance
+    batched as [uncond x N, cond x N] (diffusers' layout; without it all N rows are conditional); and SD3's joint
+    attention. :class:`daamlib.capture.flux.FluxReader` reads Flux's calls."""
+
+    def __init__(self, pipe, options: TraceOptions, unet_calls: int | None) -> None:
+        self.pipe, self.options, self.unet_calls = pipe, options, unet_calls
+
+    def read(self, inputs: dict, fresh: bool, complete: bool) -> tuple[bool, int, slice, torch.Tensor]:
+        """(starts a generation, images N, the traced branch's rows, timestep)."""
+        batch, cfg = self._latents(inputs).shape[0], self._uses_cfg()
+        if cfg and batch % 2:
+            raise ValueError(f"classifier-free guidance with an odd batch of {batch}; pass cfg=False to trace")
+        if self.options.branch == "uncond" and not cfg:
+            raise ValueError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
+        num_images = batch // 2 if cfg else batch
+        rows = slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
+        return fresh or complete, num_images, rows, torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0]
+
+    def latent_size(self, inputs: dict, encoder_calls: dict[str, list]) -> tuple[int, int]:
+        return tuple(self._latents(inputs).shape[-2:])
+
+    @staticmethod
+    def _latents(inputs: dict) -> torch.Tensor:
+        return inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w]
+
+    def _uses_cfg(self) -> bool:
+        # direct UNet calls (unet_calls set, cfg given): the pipeline's flag is stale or missing, so it is not read
+        pipeline_cfg = None if self.unet_calls is not None else getattr(self.pipe, "do_classifier_free_guidance", None)
+        cfg = self.options.cfg
+        if cfg is None and pipeline_cfg is None:
+            raise ValueError(f"{type(self.pipe).__name__} does not say whether it uses classifier-free guidance; "
+                             "pass cfg=True or cfg=False to trace")
+        if cfg is not None and pipeline_cfg is not None and bool(pipeline_cfg) != cfg:
+            uses = "uses" if pipeline_cfg else "does not use"
+            raise ValueError(f"trace(cfg={cfg}) but this pipeline call {uses} classifier-free guidance "
+                             f"(guidance_scale={getattr(self.pipe, 'guidance_scale', '?')}); leave cfg=None so the "
+                             "pipeline's own batch layout is traced, or change guidance_scale")
+        return bool(pipeline_cfg) if cfg is None else cfg
+
+    @staticmethod
+    def joint_attention(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, rotary=None):
+        """SD3's (image queries, image keys, text keys) [N, heads, positions, d] and the softmax scale."""
+        queries = _normed(attn, "norm_q", split_heads(attn.to_q(hidden_states), attn.heads))  # [N, heads, hw, d]
+        image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden_states), attn.heads))  # [N, heads, hw, d]
+        text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads))
+        return queries, image_keys, text_keys, attn.scale  # text keys [N, heads, n, d]
 
 
 def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) -> None:
@@ -389,6 +363,6 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise
     finally:
         unet.set_attn_processor(dict(originals))  # the setter consumes the dict it is given
-        tr._guidance.release()  # Flux: the prompt embeddings and latents it held
+        tr.reader = None  # Flux's holds the prompt embeddings and latents of the last generation
         for handle in handles:
             handle.remove()
