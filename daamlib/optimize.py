@@ -101,7 +101,8 @@ def optimize_tokens(
         records: training records (``linear=True`` for "linear", ``queries=True`` for "softmax").
         masks: one boolean target mask per record, at the record's image resolution.
         init: the class word (its contextual embedding initialises x) or a vector [d_text].
-        loss: "ce" (thesis eq. 3.10), "bce", or "softmax_ce" (softmax variant only; its default).
+        loss: "ce" (thesis eq. 3.10; for the softmax pair eq. 3.11, the sum over both tokens; the default), "bce",
+            or "softmax_ce" (softmax variant only: cross-entropy of each pixel's share between the two tokens).
         learning_rate: Adam's step size (the thesis used 3 for 500 epochs).
         background_init: the background token's start for the softmax variant (default: :func:`default_background`).
     """
@@ -111,7 +112,7 @@ def optimize_tokens(
         raise ValueError(f"{len(records)} records but {len(masks)} masks; pass one mask per record")
     if variant not in ("linear", "softmax"):
         raise ValueError(f"variant must be 'linear' or 'softmax', not {variant!r}")
-    loss = loss or ("ce" if variant == "linear" else "softmax_ce")
+    loss = loss or "ce"
     if loss not in ("ce", "bce", "softmax_ce"):
         raise ValueError(f"loss must be 'ce', 'bce' or 'softmax_ce', not {loss!r}")
     if loss == "softmax_ce" and variant != "softmax":
@@ -180,15 +181,22 @@ def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:
 
 
 def token_loss(maps: torch.Tensor, target: torch.Tensor, loss: Loss) -> torch.Tensor:
-    """The loss between heatmaps [k, H, W] and the object target [H, W] (k = 1 or 2)."""
+    """The loss between heatmaps [k, H, W] and the object target [H, W] (k = 1 or 2).
+
+    "ce" and "bce" score each token's min-max scaled map against its own mask and sum over tokens (eq. 3.11):
+    the object token against the object, the background token (k = 2) against its complement."""
+    targets = torch.stack([target, 1 - target])  # object, background
     if loss == "softmax_ce":
         per_token = maps / maps.sum(dim=0, keepdim=True).clamp_min(_EPSILON)  # share of each token per pixel
-        target_pair = torch.stack([target, 1 - target])  # object, background
-        return -(target_pair * per_token.clamp_min(_EPSILON).log()).sum(dim=0).mean()
-    heatmap = soft_normalize(maps[0])
-    if loss == "ce":
-        return -(target * heatmap.clamp_min(_EPSILON).log()).sum() / target.sum().clamp_min(_EPSILON)
-    return F.binary_cross_entropy(heatmap.clamp(_EPSILON, 1 - _EPSILON), target)
+        return -(targets * per_token.clamp_min(_EPSILON).log()).sum(dim=0).mean()
+    total = maps.new_zeros(())
+    for heatmap, token_target in zip(maps, targets):
+        heatmap = soft_normalize(heatmap)
+        if loss == "ce":  # eq. 3.10, per target pixel
+            total = total - (token_target * heatmap.clamp_min(_EPSILON).log()).sum() / token_target.sum().clamp_min(_EPSILON)
+        else:
+            total = total + F.binary_cross_entropy(heatmap.clamp(_EPSILON, 1 - _EPSILON), token_target)
+    return total
 
 
 def default_background(record: Record) -> str:

@@ -8,7 +8,7 @@ import torch
 import daamlib
 from daamlib.metrics import iou_curve
 from daamlib.methods.linear import word_vector
-from daamlib.optimize import OptimizedTokens
+from daamlib.optimize import OptimizedTokens, token_loss
 
 PROMPT = "a car in an urban environment"
 
@@ -53,7 +53,8 @@ def test_linear_with_bce(records, loss):
     assert tokens.history[-1] < tokens.history[0]
 
 
-def test_two_token_softmax_optimization(records, pipe):
+@pytest.mark.parametrize("loss", ["ce", "softmax_ce"])
+def test_two_token_softmax_optimization(records, pipe, loss):
     secret = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))
 
     def mask(record):
@@ -62,7 +63,7 @@ def test_two_token_softmax_optimization(records, pipe):
         return (share > share.median()).numpy()
 
     masks = [mask(r) for r in records]
-    tokens = daamlib.optimize_tokens(records[:2], masks[:2], init="car", variant="softmax", epochs=60,
+    tokens = daamlib.optimize_tokens(records[:2], masks[:2], init="car", variant="softmax", loss=loss, epochs=60,
                                      learning_rate=0.1, pipe=pipe, progress=False)
     assert tokens.names == ["car", "background"] and tokens.vectors.shape == (2, 32)
     assert tokens.history[-1] < 0.9 * tokens.history[0]
@@ -76,6 +77,25 @@ def test_two_token_softmax_optimization(records, pipe):
 
     start = torch.stack([word_vector(records[0], w) for w in ("car", "<sot>")])
     assert held_out_iou(tokens.vectors) > held_out_iou(start)
+
+
+def test_two_token_cross_entropy_is_eq_3_11():
+    """The pair's "ce" is the sum over tokens of eq. 3.10 on each min-max scaled map: object against the mask,
+    background against its complement; "softmax_ce" is the per-pixel share cross-entropy."""
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 4, 5, generator=generator) + 0.1
+    target = (torch.rand(4, 5, generator=generator) > 0.6).float()
+
+    def eq_3_10(heatmap, mask):
+        scaled = (heatmap - heatmap.min()) / (heatmap.max() - heatmap.min() + 1e-6)
+        return -(mask * torch.log(scaled.clamp_min(1e-6))).sum() / mask.sum()
+
+    expected = eq_3_10(maps[0], target) + eq_3_10(maps[1], 1 - target)
+    torch.testing.assert_close(token_loss(maps, target, "ce"), expected)
+    torch.testing.assert_close(token_loss(maps[:1], target, "ce"), eq_3_10(maps[0], target))
+    share = maps[0] / maps.sum(0)
+    expected_share = -(target * share.log() + (1 - target) * (1 - share).log()).mean()
+    torch.testing.assert_close(token_loss(maps, target, "softmax_ce"), expected_share)
 
 
 def test_bad_optimization_inputs(records, pipe):
