@@ -118,7 +118,7 @@ RECORD_KINDS = (
 _KINDS_BY_NAME = {kind.name: kind for kind in RECORD_KINDS}
 
 
-def _map_tensors(kind: RecordKind, value, function):
+def map_tensors(kind: RecordKind, value, function):
     """Apply ``function`` to every tensor of one kind's value, keeping its keying."""
     if kind.keying == "single":
         return None if value is None else function(value)
@@ -228,7 +228,7 @@ class Record:
 
     def to(self, device: str | torch.device) -> "Record":
         """A copy with every tensor on ``device`` (e.g. the query cache uploaded once before optimizing)."""
-        moved = {kind.name: _map_tensors(kind, getattr(self, kind.name), lambda t: t.to(device)) for kind in RECORD_KINDS}
+        moved = {kind.name: map_tensors(kind, getattr(self, kind.name), lambda t: t.to(device)) for kind in RECORD_KINDS}
         return replace(self, **moved)
 
     # -- persistence --------------------------------------------------------------------------

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from functools import partial
+from typing import Callable
 
 import torch
 
 from ..layout import resize, unflatten_positions
-from ..record import LayerMeta, Record, RecordMeta
+from ..record import RECORD_KINDS, LayerMeta, Record, RecordMeta, map_tensors
 from ..tokens import PromptTokens
 from .layers import AttentionLayer, layer_resolution
 from .options import TraceOptions
@@ -151,7 +152,8 @@ class GenerationState:
                              "Flux calls the negative prompt's only with true CFG (negative_prompt=, true_cfg_scale > 1)")
         if self.text_embeddings.is_cuda:
             torch.cuda.synchronize(self.text_embeddings.device)  # non-blocking copies into pinned host memory have landed
-        linear_matrix, linear_bias = self._collapse_linear(key_parameters)
+        batched = {kind.name: getattr(self, kind.name, None) for kind in RECORD_KINDS}  # entries [N, ...] (steps: lists)
+        batched["linear_matrix"], batched["linear_bias"] = self._collapse_linear(key_parameters)
         tokens = self._image_tokens()
         timesteps = [float(t) for t in self.timesteps]
         records = []
@@ -174,22 +176,9 @@ class GenerationState:
                 contexts={phrase: keys.token_strings for phrase, keys in contexts.items()},
                 concepts=list(self.options.concepts or ()),
             )
-            records.append(
-                Record(
-                    meta=meta,
-                    daam={k: _cpu(v[index]) for k, v in self.daam.items()},
-                    daam_heads={k: _cpu(v[index]) for k, v in self.daam_heads.items()},
-                    daam_steps={k: _cpu(torch.stack([s[index] for s in v])) for k, v in self.daam_steps.items()},
-                    queries={k: v[index] for k, v in self.queries.items()},
-                    linear_matrix=None if linear_matrix is None else _cpu(linear_matrix[index]),
-                    linear_bias=None if linear_bias is None else _cpu(linear_bias[index]),
-                    text_embeddings=_cpu(self.text_embeddings[index]),
-                    contexts={p: {k: _cpu(v[index]) for k, v in maps.items()} for p, maps in self.contexts.items()},
-                    self_attention={k: _cpu(v[index]) for k, v in self.self_attention.items()},
-                    concept_output={k: _cpu(v[index]) for k, v in self.concept_output.items()},
-                    concept_cross={k: _cpu(v[index]) for k, v in self.concept_cross.items()},
-                )
-            )
+            per_image = {kind.name: map_tensors(kind, batched[kind.name], partial(_image_entry, kind.name, index))
+                         for kind in RECORD_KINDS}
+            records.append(Record(meta=meta, **per_image))
         return records
 
     def _image_tokens(self) -> list[PromptTokens] | None:
@@ -216,7 +205,8 @@ class GenerationState:
                     f"truncated; it was seen as {tokens.text!r}",
                     stacklevel=3,
                 )
-        return split_per_image(prompts, self.num_images)
+        per_prompt = self.num_images // len(prompts)  # diffusers repeats each prompt consecutively (checked at the start)
+        return [prompts[i // per_prompt] for i in range(self.num_images)]
 
     def _collapse_linear(
         self, key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]]
@@ -226,18 +216,15 @@ class GenerationState:
         Computed where the sums are (the weights are brought there, also from CPU offload)."""
         if not self.query_sums:
             return None, None
-        matrix = bias = None
+        total, biased = 0, False
         for name, query_sum in self.query_sums.items():
             weight, key_bias = key_parameters(name, query_sum.device)  # [inner, d_text], [inner]
-            resolution = self.layers[name].resolution
-            layer_matrix = unflatten_positions(query_sum @ weight, resolution)  # [N, d_text, h_l, w_l]
-            up = resize(layer_matrix, self.latent_size, self.options.upsample).flatten(-2).transpose(-1, -2)
-            matrix = up if matrix is None else matrix + up  # [N, H*W, d_text]
-            if key_bias is not None:
-                layer_bias = unflatten_positions((query_sum @ key_bias)[..., None], resolution)
-                up_bias = resize(layer_bias, self.latent_size, self.options.upsample).flatten(-3)  # [N, H*W]
-                bias = up_bias if bias is None else bias + up_bias
-        return matrix, bias
+            biased = biased or key_bias is not None
+            bias_column = torch.zeros_like(weight[:, :1]) if key_bias is None else key_bias[:, None]  # the bias as an input
+            layer_matrix = query_sum @ torch.cat([weight, bias_column], dim=1)  # [N, hw, d_text + 1]
+            up = resize(unflatten_positions(layer_matrix, self.layers[name].resolution), self.latent_size, self.options.upsample)
+            total = total + up.flatten(-2).transpose(-1, -2)  # [N, H*W, d_text + 1]
+        return total[..., :-1], total[..., -1] if biased else None
 
 
 def _add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
@@ -261,9 +248,8 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", torch.float32).contiguous()
 
 
-def split_per_image(values: Sequence, num_images: int) -> list:
-    """Spread per-prompt values over the images (diffusers repeats each prompt consecutively)."""
-    if num_images % len(values):
-        raise ValueError(f"{num_images} images cannot come from {len(values)} prompts")
-    per_prompt = num_images // len(values)
-    return [values[i // per_prompt] for i in range(num_images)]
+def _image_entry(kind: str, index: int, batched) -> torch.Tensor:
+    """One image's entry of a batched sum, on the CPU in float32 (the query cache stays where it was recorded)."""
+    if kind == "queries":
+        return batched[index]
+    return _cpu(torch.stack([step[index] for step in batched]) if kind == "daam_steps" else batched[index])

@@ -128,13 +128,12 @@ class Trace:
     def _build_records(self) -> None:
         """Turn finished generations into records (reads tensors: only after the generation)."""
         finished, self._finished = self._finished, []
+        name, scale = getattr(self.pipe, "name_or_path", None), getattr(self.pipe, "vae_scale_factor", None)
         for state in finished:
-            provenance = {
-                "model_id": _model_id(self.pipe),
-                "model_fingerprint": self.fingerprint,
-                "scheduler": type(self.pipe.scheduler).__name__,
-                "image_size": _image_size(self.pipe, state.latent_size),
-            }
+            height, width = state.latent_size
+            provenance = {"model_id": None if name is None else str(name), "model_fingerprint": self.fingerprint,
+                          "scheduler": type(self.pipe.scheduler).__name__,
+                          "image_size": None if scale is None else (height * scale, width * scale)}
             self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance))
 
     def _key_parameters(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -269,39 +268,26 @@ def _normed(attn, norm_name: str, tensor: torch.Tensor) -> torch.Tensor:
     return norm(tensor) if norm is not None else tensor
 
 
-def _model_id(pipe) -> str | None:
-    name = getattr(pipe, "name_or_path", None)
-    return None if name is None else str(name)
-
-
-def _image_size(pipe, latent_size: tuple[int, int]) -> tuple[int, int] | None:
-    scale = getattr(pipe, "vae_scale_factor", None)
-    return None if scale is None else (latent_size[0] * scale, latent_size[1] * scale)
-
-
 def _encode_contexts(pipe, phrases: Iterable[str] | Mapping[str, torch.Tensor], include_padding: bool) -> dict[str, ContextKeys]:
+    """Each phrase's keys (SOT, its words, EOT; and its padding when asked), encoded alone; or named conditioning
+    vectors [m, d_text] such as optimized tokens. On the execution device: uploaded once here, not at every call."""
     from ..text import TextEncoder
 
-    if isinstance(phrases, Mapping):  # named conditioning vectors, e.g. optimized tokens
-        contexts = {}
+    device, contexts = execution_device(pipe), {}
+    if isinstance(phrases, Mapping):
+        d_text = attention_layers(denoiser(pipe), "cross")[0].key_dim
         for name, vectors in phrases.items():
-            vectors = torch.as_tensor(vectors).detach().float().to(execution_device(pipe))
-            d_text = attention_layers(denoiser(pipe), "cross")[0].key_dim
+            vectors = torch.as_tensor(vectors).detach().float().to(device)
             if vectors.ndim != 2 or vectors.shape[-1] != d_text:
                 raise ValueError(f"context {name!r} must be vectors [m, {d_text}] (the model's conditioning size); "
                                  f"got shape {tuple(vectors.shape)}")
             contexts[name] = ContextKeys(embeddings=vectors, token_strings=[f"{name}[{i}]" for i in range(len(vectors))])
         return contexts
-    encoder = TextEncoder(pipe)
-    device = execution_device(pipe)  # uploaded once here, not at every layer and step
-    contexts = {}
     for phrase in phrases:
-        encoded = encoder.encode(phrase)
+        encoded = TextEncoder(pipe).encode(phrase)
         positions = encoded.key_positions(include_padding)
-        contexts[phrase] = ContextKeys(
-            embeddings=encoded.embeddings[positions].detach().to(device),
-            token_strings=[encoded.tokens.strings[i] for i in positions],
-        )
+        contexts[phrase] = ContextKeys(embeddings=encoded.embeddings[positions].detach().to(device),
+                                       token_strings=[encoded.tokens.strings[i] for i in positions])
     return contexts
 
 
