@@ -61,6 +61,5 @@ class ConceptAttention:
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
         if occurrence != 0:
             raise ValueError(f"a concept is one vector, not a word of the prompt; occurrence={occurrence} has no meaning (use 0)")
-        layers = None if self.layers is None else list(self.layers)
-        heatmap = concept_attention(record, word, variant=self.variant, layers=layers, upsample=self.upsample)
+        heatmap = concept_attention(record, word, variant=self.variant, layers=self.layers, upsample=self.upsample)
         return Attribution(heatmap, (str(word),), self.name)

@@ -26,7 +26,9 @@ def linear(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=Non
 
 def linear_maps(record: Record, vectors: torch.Tensor) -> torch.Tensor:
     """Heatmaps of conditioning vectors [k, d_text] -> [k, H, W], on the matrix's device. Differentiable in ``vectors``."""
-    matrix = _matrix(record)
+    if record.linear_matrix is None:
+        raise KeyError("the record has no linear matrix; trace with linear=True")
+    matrix = record.linear_matrix.float()
     if vectors.ndim != 2 or vectors.shape[-1] != matrix.shape[-1]:
         raise ValueError(
             f"vectors must be [k, {matrix.shape[-1]}] (the model's conditioning size); got {tuple(vectors.shape)}"
@@ -61,9 +63,3 @@ def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pip
         return record.text_embeddings[indices].float().mean(dim=0)
     check_same_model(record.meta.model_fingerprint, pipe)
     return TextEncoder(pipe).word_vector(word_or_vector)
-
-
-def _matrix(record: Record) -> torch.Tensor:
-    if record.linear_matrix is None:
-        raise KeyError("the record has no linear matrix; trace with linear=True")
-    return record.linear_matrix.float()

@@ -84,43 +84,36 @@ def openvocab_maps(
     Differentiable in ``key_embeddings`` when they require grad; the model's own weights never get
     gradients here.
     """
+    chosen = chosen_layers(record, layers, {layer for layer, _ in record.queries})
+    wanted_steps = set(select_steps(record, steps))
+    device = next(iter(record.queries.values())).device
+    budget = _batch_elements(device)
+    per_layer: dict[str, torch.Tensor] = {}
     with torch.set_grad_enabled(key_embeddings.requires_grad):
-        return _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample)
+        key_embeddings = key_embeddings.to(device)
+        for meta in chosen:
+            step_queries = [query for (name, step), query in record.queries.items()  # [hw, inner] per chosen step
+                            if name == meta.name and step in wanted_steps]
+            if not step_queries:
+                continue
+            keys = project(denoiser(pipe).get_submodule(meta.name).to_k, key_embeddings)  # [m, inner]
+            keys = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]; W_k X' is the same every step
+            steps_per_batch = max(1, budget // step_queries[0].numel())
+            total = 0
+            for start in range(0, len(step_queries), steps_per_batch):
+                batch = torch.stack(step_queries[start : start + steps_per_batch]).float()  # [s, hw, inner]
+                q = split_heads(batch, meta.heads)  # [s, heads, hw, d]
+                # logits laid out [s, heads, m, hw]: the softmax over the few keys runs along pixels (4x faster on CPU)
+                total = total + torch.softmax(keys @ q.transpose(-1, -2) * meta.scale, dim=-2).sum(dim=(0, 1))  # [m, hw]
+            per_layer[meta.name] = total.T  # [hw, m]
+        if not per_layer:
+            raise KeyError("no cached queries match the chosen layers and steps")
+        present = [layer for layer in chosen if layer.name in per_layer]
+        return sum_upsampled(per_layer, present, record.latent_size, upsample)
 
 
 _CPU_BATCH_ELEMENTS = 2**24  # float32 query values batched into one matmul on the CPU (cache-friendly)
 _DEVICE_MEMORY_SHARE = 4  # on a GPU, a batch of steps may use a quarter of the free memory
-
-
-def _openvocab_maps(record, key_embeddings, pipe, layers, steps, upsample) -> torch.Tensor:
-    chosen = chosen_layers(record, layers, {layer for layer, _ in record.queries})
-    step_filter = set(select_steps(record, steps))
-    queries_by_layer: dict[str, list[torch.Tensor]] = {}  # layer -> [hw, inner] per chosen step
-    for (name, step), query in record.queries.items():
-        if step in step_filter:
-            queries_by_layer.setdefault(name, []).append(query)
-    device = next(iter(record.queries.values())).device
-    key_embeddings = key_embeddings.to(device)
-    budget = _batch_elements(device)
-    per_layer: dict[str, torch.Tensor] = {}
-    for meta in chosen:
-        step_queries = queries_by_layer.get(meta.name)
-        if not step_queries:
-            continue
-        keys = project(denoiser(pipe).get_submodule(meta.name).to_k, key_embeddings)  # [m, inner]
-        keys = split_heads(keys[None], meta.heads)[0]  # [heads, m, d]; W_k X' is the same every step
-        steps_per_batch = max(1, budget // step_queries[0].numel())
-        total = 0
-        for start in range(0, len(step_queries), steps_per_batch):
-            batch = torch.stack(step_queries[start : start + steps_per_batch]).float()  # [s, hw, inner]
-            q = split_heads(batch, meta.heads)  # [s, heads, hw, d]
-            # logits laid out [s, heads, m, hw]: the softmax over the few keys runs along pixels (4x faster on CPU)
-            total = total + torch.softmax(keys @ q.transpose(-1, -2) * meta.scale, dim=-2).sum(dim=(0, 1))  # [m, hw]
-        per_layer[meta.name] = total.T  # [hw, m]
-    if not per_layer:
-        raise KeyError("no cached queries match the chosen layers and steps")
-    present = [layer for layer in chosen if layer.name in per_layer]
-    return sum_upsampled(per_layer, present, record.latent_size, upsample)
 
 
 def _batch_elements(device: torch.device) -> int:

@@ -56,12 +56,6 @@ def _prompt_tokens(record: Record, word: str | int, occurrence: int) -> tuple[st
         return (str(word),)
 
 
-def _tuple(values: Sequence | None) -> tuple | None:
-    if isinstance(values, (str, int)):
-        raise TypeError(f"layers and steps are lists; wrap one value: [{values!r}]")
-    return None if values is None else tuple(values)
-
-
 @dataclass(frozen=True)
 class DAAM:
     """Softmax cross-attention of the prompt's word (thesis eq. 3.1-3.4, or ``mode="daam-0.2"``)."""
@@ -73,8 +67,8 @@ class DAAM:
     name: str = "DAAM"
 
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
-        heatmap = daam(record, word, occurrence=occurrence, mode=self.mode, layers=_tuple(self.layers),
-                       steps=_tuple(self.steps), upsample=self.upsample)
+        heatmap = daam(record, word, occurrence=occurrence, mode=self.mode, layers=self.layers, steps=self.steps,
+                       upsample=self.upsample)
         return Attribution(heatmap, _prompt_tokens(record, word, occurrence), self.name)
 
 
@@ -96,8 +90,8 @@ class OpenVocabulary:
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
         phrase = self.context.format(word=word) if "{word}" in self.context else self.context
         key = word if self.token is None else self.token
-        heatmap = openvocab(record, phrase, key, pipe=self.pipe, occurrence=occurrence, layers=_tuple(self.layers),
-                            steps=_tuple(self.steps), include_padding=self.include_padding, upsample=self.upsample)
+        heatmap = openvocab(record, phrase, key, pipe=self.pipe, occurrence=occurrence, layers=self.layers,
+                            steps=self.steps, include_padding=self.include_padding, upsample=self.upsample)
         return Attribution(heatmap, (phrase if self.token is None else f"{phrase}[{self.token}]",), self.name)
 
 
