@@ -5,14 +5,13 @@ or SD3's transformer) runs once per timestep under a trace; a record sums over t
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 
 import numpy as np
 import torch
 
 from .capture import trace
-from .generation import _negatives
+from .generation import _negatives, name_records
 from .modules import denoiser as denoiser_of, execution_device, family
 from .record import Record
 
@@ -64,11 +63,7 @@ def attribute_image(pipe, image, prompt: str | list[str], *, timesteps: int | li
                 batch = torch.cat([sample] * 2) if cfg else sample
                 timestep = torch.full((len(batch),), float(t) if family == "sd3" else int(t), device=device)
                 unet(batch, timestep=timestep, **inputs)
-    records, shown = tr.records, np.round(images * 255).astype(np.uint8)
-    for index, record in enumerate(records):
-        record.meta = replace(record.meta, seed=int(seed), prompt=prompts[index], image_size=tuple(images.shape[1:3]))
-        record.image = shown[index]
-    return records
+    return name_records(tr.records, seed, prompts, np.round(images * 255).astype(np.uint8))
 
 
 def _images(image, factor: int) -> np.ndarray:

@@ -74,16 +74,17 @@ def generate(
     with trace(pipe, **trace_kwargs) as tr:
         output = pipe(prompt=prompts, generator=generator, num_images_per_prompt=num_images_per_prompt,
                       output_type="np", **call)
-    records = tr.records
-    images = np.clip(np.round(np.asarray(output.images) * 255), 0, 255).astype(np.uint8)
+    records, images = tr.records, np.clip(np.round(np.asarray(output.images) * 255), 0, 255).astype(np.uint8)
     per_prompt = len(records) // len(prompts)
-    finished = []
-    for index, record in enumerate(records):
-        record.meta = replace(record.meta, seed=int(seed), prompt=prompts[index // per_prompt],
-                              image_size=tuple(images[index].shape[:2]))
-        record.image = images[index]
-        finished.append(record)
-    return finished
+    return name_records(records, seed, [prompts[index // per_prompt] for index in range(len(records))], images)
+
+
+def name_records(records: list[Record], seed: int, prompts: list[str], images: np.ndarray) -> list[Record]:
+    """Each record gets the seed, its prompt (one per record) and its image (uint8 [height, width, 3])."""
+    for record, prompt, image in zip(records, prompts, images, strict=True):
+        record.meta = replace(record.meta, seed=int(seed), prompt=prompt, image_size=tuple(image.shape[:2]))
+        record.image = image
+    return records
 
 
 def _check_pipeline_arguments(pipe, call: dict) -> None:

@@ -68,7 +68,8 @@ def linear_parameters(module: torch.nn.Linear, device: torch.device | str) -> tu
     # offloaded: the module's forward onloads its weights; y(I) - y(0) = W^T, y(0) = b
     with torch.no_grad():
         probe = torch.cat([torch.zeros(1, module.in_features), torch.eye(module.in_features)])
-        outputs = module(probe.to(execution_device_of(module), _float_dtype(module))).to(device, torch.float32)
+        dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float32
+        outputs = module(probe.to(execution_device_of(module), dtype)).to(device, torch.float32)
     bias = outputs[0] if module.bias is not None else None
     return (outputs[1:] - outputs[0]).T.contiguous(), bias
 
@@ -83,11 +84,6 @@ def execution_device_of(module: torch.nn.Module) -> torch.device:
     hook = getattr(module, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
     return torch.device(device) if device is not None else torch.device("cpu")
-
-
-def _float_dtype(module: torch.nn.Module) -> torch.dtype:
-    dtype = getattr(module.weight, "dtype", torch.float32)
-    return dtype if dtype.is_floating_point else torch.float32
 
 
 # -- model identity ------------------------------------------------------------------------------
@@ -123,13 +119,10 @@ def check_same_model(fingerprint: dict | None, pipe, what: str = "this record") 
         )
     if not same_model(fingerprint, model_fingerprint(pipe)):
         raise ValueError(
-            f"{what} was made with another model than this pipeline ({_name(pipe)}); its queries and "
+            f"{what} was made with another model than this pipeline "
+            f"({getattr(pipe, 'name_or_path', None) or type(pipe).__name__!r}); its queries and "
             "embeddings only make sense with the weights that produced them: pass the pipeline that generated it"
         )
-
-
-def _name(pipe) -> str:
-    return repr(getattr(pipe, "name_or_path", None) or type(pipe).__name__)
 
 
 def _config_dict(module) -> dict:

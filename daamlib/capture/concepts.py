@@ -126,8 +126,10 @@ class ConceptStream:
         q_c, k_c = (x if getattr(attn, norm) is None else getattr(attn, norm)(x) for x, norm in
                     ((q_c, "norm_added_q"), (k_c, "norm_added_k")))  # [N, heads, k, d]
         if self.flux:  # rotary over [text, image]; the concepts turn as text position 0 (Flux's text ids are zero)
-            cos, sin = (r[:1].expand(q_c.shape[2], -1) for r in rotary)
-            q_c, k_c = (apply_rotary(x, (cos, sin)) for x in (q_c, k_c))
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            cos, sin = (r[:1].expand(q_c.shape[2], -1) for r in rotary)  # [k, d]
+            q_c, k_c = (apply_rotary_emb(x, (cos, sin), sequence_dim=2) for x in (q_c, k_c))
         o_x = F.scaled_dot_product_attention(q_x, torch.cat([k_x, k_p], 2), torch.cat([v_x, v_p], 2))  # [N, heads, hw, d]
         o_c = F.scaled_dot_product_attention(q_c, torch.cat([k_x, k_c], 2), torch.cat([v_x, v_c], 2))  # [N, heads, k, d]
         o_x, o_c = (o.transpose(1, 2).flatten(2) for o in (o_x, o_c))  # [N, hw | k, heads*d]
@@ -144,17 +146,10 @@ class ConceptStream:
         """temb [N, C] and the concepts through ``context_embedder`` [N, k, C], as the model's forward makes them."""
         inputs, rows = self._call
         timestep, pooled, guidance = inputs["timestep"], inputs["pooled_projections"], inputs.get("guidance")
+        conditions = (timestep, pooled)
         if self.flux:  # Flux's forward scales t and the guidance by 1000 in the model's dtype
             timestep = timestep.to(like.dtype) * 1000
             conditions = (timestep, pooled) if guidance is None else (timestep, guidance.to(like.dtype) * 1000, pooled)
-        else:
-            conditions = (timestep, pooled)
         self._temb = self.model.time_text_embed(*conditions)[rows]
         embedded = self.model.context_embedder(self.vectors.to(like.dtype))  # [k, C]
         self._residual = embedded.expand(self._temb.shape[0], -1, -1)
-
-
-def apply_rotary(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    return apply_rotary_emb(x, rotary, sequence_dim=2)  # x [N, heads, S, d], cos and sin [S, d]

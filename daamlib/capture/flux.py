@@ -89,10 +89,6 @@ def image_queries_and_keys(attn, hidden_states: torch.Tensor, encoder_hidden_sta
     return rotated(queries, slice(n, None)), rotated(image_keys, slice(n, None)), rotated(text_keys, slice(0, n))
 
 
-def attention_scale(attn) -> float:
-    return 1 / math.sqrt(attn.head_dim)  # FluxAttnProcessor leaves SDPA's default
-
-
 def _heads(attn, projected: torch.Tensor) -> torch.Tensor:
     return projected.unflatten(-1, (-1, attn.head_dim))  # [N, S, heads, head_dim], the processor's layout
 
@@ -149,5 +145,5 @@ class FluxReader:
     def joint_attention(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, rotary):
         """(image queries, image keys, text keys) [N, heads, positions, d] and the softmax scale (see
         :func:`image_queries_and_keys`: rotary embeddings over [text, image], each block's own norms)."""
-        return (*image_queries_and_keys(attn, hidden_states, encoder_hidden_states, rotary, self.text_length),
-                attention_scale(attn))
+        scale = 1 / math.sqrt(attn.head_dim)  # FluxAttnProcessor leaves SDPA's default
+        return *image_queries_and_keys(attn, hidden_states, encoder_hidden_states, rotary, self.text_length), scale

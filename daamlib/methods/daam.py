@@ -45,7 +45,6 @@ def daam(
     step), ``upsample`` may only be "bicubic", and ``layers`` may only name layers the mode uses.
     """
     check_record(record, "daam")
-    _check_mode(mode)
     indices = word_indices(record, word, occurrence)
     maps = token_maps(record, indices, mode=mode, layers=layers, steps=steps, upsample=upsample)
     return maps.mean(dim=0)
@@ -83,7 +82,8 @@ def daam_02_layers(record: Record, layers: Sequence[str] | None = None) -> list[
     if not record.daam_heads:
         raise KeyError("mode='daam-0.2' needs per-head maps; trace with per_head=True")
     candidates = chosen_layers(record, layers, record.daam_heads)
-    used = [layer for layer in candidates if _daam_02_uses(layer, record.latent_size)]
+    used = [layer for layer in candidates if layer.name.startswith(_DAAM_02_BLOCKS)
+            and record.latent_size[0] // layer.resolution[0] != _DAAM_02_SKIPPED_FACTOR]
     if layers is not None and len(used) < len(candidates):
         dropped = [layer.name for layer in candidates if layer not in used]
         raise ValueError(
@@ -96,11 +96,6 @@ def daam_02_layers(record: Record, layers: Sequence[str] | None = None) -> list[
             "use mode='thesis'"
         )
     return used
-
-
-def _daam_02_uses(layer: LayerMeta, latent_size: tuple[int, int]) -> bool:
-    in_down_or_up = layer.name.startswith(_DAAM_02_BLOCKS)
-    return in_down_or_up and latent_size[0] // layer.resolution[0] != _DAAM_02_SKIPPED_FACTOR
 
 
 def _check_mode(mode) -> None:
