@@ -258,33 +258,20 @@ def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor
 
 
-def _check_kind(path: Path, metadata: dict) -> None:
-    """A readable safetensors file of another kind is named as such (not called corrupt)."""
-    text = metadata.get(_METADATA_KEY)
-    found = json.loads(text).get("format") if text else None
-    if found == FORMAT_NAME:
-        return
-    if found == "daamlib.tokens":
-        raise _WrongKind(f"{path} holds optimized tokens, not a record; read it with daamlib.OptimizedTokens.load")
-    raise _WrongKind(f"{path} is a safetensors file but not a daamlib record (no daamlib record metadata); "
-                     "records are written by Record.save")
-
-
-class _WrongKind(Exception):
-    pass
-
-
 def load_record(path: str | os.PathLike) -> Record:
     """Read a record written by :meth:`Record.save`; a damaged file raises a ``ValueError``."""
     fix = "it may be truncated or corrupt - regenerate it with the same seed"
     path, metadata, tensors = read_safetensors(path, "daamlib record", fix)
     try:
-        _check_kind(path, metadata)
-        meta = RecordMeta.from_json(metadata[_METADATA_KEY])
-    except _WrongKind as error:
-        raise ValueError(str(error)) from None
-    except (KeyError, ValueError, json.JSONDecodeError, TypeError) as error:
+        found = json.loads(metadata.get(_METADATA_KEY) or "{}").get("format")
+        meta = RecordMeta.from_json(metadata[_METADATA_KEY]) if found == FORMAT_NAME else None
+    except (KeyError, ValueError, TypeError) as error:  # ValueError: also a JSONDecodeError
         raise ValueError(f"{path} is not a readable daamlib record ({error}); {fix}") from error
+    if found == "daamlib.tokens":  # a readable safetensors file of another kind is named as such (not called corrupt)
+        raise ValueError(f"{path} holds optimized tokens, not a record; read it with daamlib.OptimizedTokens.load")
+    if meta is None:
+        raise ValueError(f"{path} is a safetensors file but not a daamlib record (no daamlib record metadata); "
+                         "records are written by Record.save")
     record = Record(meta=meta)
     for name, tensor in tensors.items():
         if name == "image":
