@@ -28,14 +28,9 @@ def byte_level_alphabet() -> dict[str, int]:
     """CLIP's (GPT-2's) byte-level BPE: the printable character that stands for each byte -> the byte,
     printable bytes first, in the vocabulary's order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    characters = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return {chr(character): byte for byte, character in zip(printable, characters)}
+    others = [byte for byte in range(256) if byte not in printable]  # stand-ins: the characters from 256 on
+    characters = printable + list(range(256, 256 + len(others)))
+    return {chr(character): byte for byte, character in zip(printable + others, characters)}
 
 
 _BYTES_OF = byte_level_alphabet()
@@ -185,11 +180,9 @@ class PromptTokens:
             return (self.sot_index,)
         if query in _EOT_ALIASES:
             return (self.eot_index,)
-        wanted = query.split()
-        words = [w.text.lower() for w in self.words]
-        starts = [
-            i for i in range(len(words) - len(wanted) + 1) if words[i : i + len(wanted)] == wanted
-        ]
+        wanted, found = query.split(), self.words
+        words = [w.text.lower() for w in found]
+        starts = [i for i in range(len(words) - len(wanted) + 1) if words[i : i + len(wanted)] == wanted]
         if not starts:
             hint = " The prompt was cut at the text encoder's length, which may have dropped it." if self.maybe_truncated else ""
             raise WordNotInPrompt(
@@ -202,8 +195,7 @@ class PromptTokens:
                 f"is out of range (use 0..{len(starts) - 1})"
             )
         start = starts[occurrence]
-        self_words = self.words
-        return tuple(i for w in self_words[start : start + len(wanted)] for i in w.token_indices)
+        return tuple(i for w in found[start : start + len(wanted)] for i in w.token_indices)
 
     @property
     def text(self) -> str:

@@ -23,27 +23,12 @@ import math
 
 import torch
 
-from ..modules import family
 
 PATCH = 2  # the pipeline packs 2x2 latent pixels into one token
 
 
 def is_flux_attention(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "FluxAttention"
-
-
-def check_flux(model: torch.nn.Module, cfg: bool | None) -> None:
-    """Refuses what would be read wrongly: Flux built from the generic ``Attention`` by older diffusers (its rotary
-    embeddings and [text, image] order would be missed), and ``cfg=True`` (no Flux batch holds two halves)."""
-    if family(model) != "flux":
-        return
-    if not any(is_flux_attention(m) for m in model.modules()):
-        raise NotImplementedError("this diffusers builds Flux's blocks from the generic Attention class; daamlib reads "
-                                  "Flux through FluxAttention (newer diffusers): upgrade diffusers to trace Flux")
-    if cfg:
-        raise ValueError("cfg=True says each batch holds [negative, prompt] halves; Flux's never does (its guidance is "
-                         "distilled; true CFG calls the transformer again with the negative prompt, and the trace tells "
-                         "those calls apart itself): leave cfg unset, and choose the negative prompt's with branch='uncond'")
 
 
 NO_NEGATIVE_CALLS = ("branch='uncond' traces the negative prompt's transformer calls, which FluxPipeline makes only with "
@@ -102,8 +87,17 @@ class FluxReader:
     latents tensor its prompt call got. Both are compared by identity (references are kept, so a freed tensor's memory
     taken by a new one is never mistaken for it); no value is read."""
 
-    def __init__(self, branch: str) -> None:
-        self.uncond = branch == "uncond"
+    def __init__(self, model: torch.nn.Module, options) -> None:
+        """Refuses what would be read wrongly: Flux built from the generic ``Attention`` by older diffusers (its rotary
+        embeddings and [text, image] order would be missed), and ``cfg=True`` (no Flux batch holds two halves)."""
+        if not any(is_flux_attention(m) for m in model.modules()):
+            raise NotImplementedError("this diffusers builds Flux's blocks from the generic Attention class; daamlib reads "
+                                      "Flux through FluxAttention (newer diffusers): upgrade diffusers to trace Flux")
+        if options.cfg:
+            raise ValueError("cfg=True says each batch holds [negative, prompt] halves; Flux's never does (its guidance is "
+                             "distilled; true CFG calls the transformer again with the negative prompt, and the trace tells "
+                             "those calls apart itself): leave cfg unset, and choose the negative prompt's with branch='uncond'")
+        self.uncond = options.branch == "uncond"
         self.prompt: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
         self.prompt_calls = self.negative_calls = 0

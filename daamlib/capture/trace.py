@@ -20,7 +20,7 @@ from ..modules import conditioning, denoiser, execution_device, family, linear_p
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
 from .concepts import ConceptStream, concept_stream
-from .flux import FluxReader, check_flux
+from .flux import FluxReader
 from .options import TraceOptions
 from .layers import AttentionLayer, attention_layers, select_layers, token_streams
 from ..layout import split_heads
@@ -54,7 +54,8 @@ class Trace:
         self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
         self._rows: slice | None = slice(0, 0)  # None: this call is of the branch not traced (Flux's true CFG)
         self._capture_self_attention = False
-        self.reader = FluxReader(options.branch) if family(self.denoiser) == "flux" else BatchedReader(pipe, options, unet_calls)
+        flux = family(self.denoiser) == "flux"  # its reader refuses what it cannot read
+        self.reader = FluxReader(self.denoiser, options) if flux else BatchedReader(pipe, options, unet_calls)
 
     # -- public -------------------------------------------------------------------------------
     @property
@@ -311,7 +312,6 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
                          "(whether the batch is [uncond, cond]); the pipeline says so only inside its own call")
     unet = denoiser(pipe)
-    check_flux(unet, options.cfg)
     available = attention_layers(unet, "text")
     if not available:
         raise NotImplementedError(f"{type(unet).__name__} has no cross- or joint-attention layers daamlib can read; "
