@@ -82,10 +82,12 @@ def load_pipeline(
     cls = _pipeline_class(task)
     source = _resolve_source(name_or_dir)
     kwargs = {"torch_dtype": dtype, **from_pretrained_kwargs}  # torch_dtype: every diffusers >= 0.30 takes it
-    if isinstance(source, Path):
-        pipe = _from_directory(cls, source, kwargs)
+    fp16 = [{**kwargs, "variant": _FP16_VARIANT}] if dtype == torch.float16 and "variant" not in kwargs else []
+    if isinstance(source, Path):  # the fp16 variant where the directory holds it
+        has_variant = fp16 and any(source.glob(f"*/*.{_FP16_VARIANT}.safetensors"))
+        pipe = cls.from_pretrained(source, **(fp16[0] if has_variant else kwargs))
     else:
-        pipe = _from_hub(cls, source, download, kwargs)
+        pipe = _from_hub(cls, source, download, fp16 + [kwargs])
     _check_dtype(pipe, dtype)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -95,17 +97,6 @@ def load_pipeline(
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=not progress_bar)
     return pipe
-
-
-def _wants_fp16_variant(dtype: torch.dtype, kwargs: dict) -> bool:
-    return dtype == torch.float16 and "variant" not in kwargs
-
-
-def _from_directory(cls, directory: Path, kwargs: dict):
-    has_variant = any(directory.glob(f"*/*.{_FP16_VARIANT}.safetensors"))
-    if _wants_fp16_variant(kwargs["torch_dtype"], kwargs) and has_variant:
-        kwargs = {**kwargs, "variant": _FP16_VARIANT}
-    return cls.from_pretrained(directory, **kwargs)
 
 
 def _check_dtype(pipe, dtype: torch.dtype) -> None:
@@ -138,10 +129,8 @@ def _resolve_source(name_or_dir: str | os.PathLike | None) -> Path | str:
     return text
 
 
-def _from_hub(cls, model_id: str, download: bool, kwargs: dict):
-    attempts = [{**kwargs, "variant": _FP16_VARIANT}] if _wants_fp16_variant(kwargs["torch_dtype"], kwargs) else []
-    attempts.append(kwargs)
-    for attempt in attempts:  # the cache first, the fp16 variant first
+def _from_hub(cls, model_id: str, download: bool, attempts: list[dict]):
+    for attempt in attempts:  # the cache first, the fp16 variant first; a download takes the last
         try:
             return cls.from_pretrained(model_id, local_files_only=True, **attempt)
         except (OSError, ValueError) as error:
@@ -149,7 +138,7 @@ def _from_hub(cls, model_id: str, download: bool, kwargs: dict):
     if not download:
         raise ValueError(_not_cached_message(model_id)) from cached_error
     try:
-        return cls.from_pretrained(model_id, **kwargs)
+        return cls.from_pretrained(model_id, **attempts[-1])
     except OSError as error:
         raise ValueError(_not_cached_message(model_id)) from error
 
