@@ -63,9 +63,6 @@ class GenerationState:
     def at_last_step(self) -> bool:
         return self.expected_steps is not None and self.step == self.expected_steps - 1
 
-    def add_timestep(self, timestep: torch.Tensor) -> None:
-        self.timesteps.append(timestep)
-
     def register_layer(self, layer: AttentionLayer, num_positions: int, scale: float) -> None:
         if layer.name not in self.layers:
             self.layers[layer.name] = LayerMeta(

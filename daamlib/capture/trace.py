@@ -82,7 +82,7 @@ class Trace:
         elif num_images != self._current.num_images:
             raise ValueError(f"the batch changed from {self._current.num_images} to {num_images} images mid-generation")
         if timestep is not None:  # None: the negative prompt's call of a step (Flux's true CFG)
-            self._current.add_timestep(timestep)
+            self._current.timesteps.append(timestep)
         if self._rows is not None and self._current.text_embeddings is None:  # the traced branch's first call
             context = inputs["encoder_hidden_states"][self._rows]  # [N, n, d_text]
             self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()

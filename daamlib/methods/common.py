@@ -47,12 +47,8 @@ def sum_upsampled(
     """sum_l up(maps_l): maps_l is [hw_l, k] at the layer's resolution; returns [k, H, W]."""
     if not layers:
         raise ValueError("no layer to aggregate; choose at least one recorded layer")
-    total = None
-    for layer in layers:
-        maps = unflatten_positions(per_layer[layer.name], layer.resolution)  # [k, h_l, w_l]
-        up = resize(maps, latent_size, upsample)
-        total = up if total is None else total + up
-    return total
+    return sum(resize(unflatten_positions(per_layer[layer.name], layer.resolution), latent_size, upsample)  # [k, h_l, w_l]
+               for layer in layers)
 
 
 def select_steps(record: Record, steps: Sequence[int] | None) -> list[int]:

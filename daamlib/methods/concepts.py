@@ -34,7 +34,7 @@ def concept_maps(record: Record, *, variant: str = "output", layers: Sequence[st
     if not stored:
         raise KeyError("this record holds no concept maps; trace an SD3 or Flux pipeline with concepts=['car', ...]")
     chosen = chosen_layers(record, layers, stored)
-    return sum_upsampled({layer.name: stored[layer.name] for layer in chosen}, chosen, record.latent_size, upsample)
+    return sum_upsampled(stored, chosen, record.latent_size, upsample)
 
 
 def concept_attention(record: Record, concept: str, *, variant: str = "output", layers: Sequence[str] | None = None,

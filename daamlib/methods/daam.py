@@ -139,8 +139,6 @@ def _thesis_maps(record, indices, layers, steps, upsample) -> torch.Tensor:
 
 
 def _daam_02_maps(record, indices, layers) -> torch.Tensor:
-    maps = []
-    for layer in daam_02_layers(record, layers):
-        per_head = unflatten_positions(record.daam_heads[layer.name][:, :, indices], layer.resolution)  # [heads, k, h, w]
-        maps.append(resize(per_head, record.latent_size, "bicubic").clamp(min=0))
+    maps = [resize(unflatten_positions(record.daam_heads[layer.name][:, :, indices], layer.resolution),  # [heads, k, h, w]
+                   record.latent_size, "bicubic").clamp(min=0) for layer in daam_02_layers(record, layers)]
     return torch.cat(maps, dim=0).mean(dim=0)  # mean over every (layer, head): [k, H, W]
