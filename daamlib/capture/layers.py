@@ -72,13 +72,11 @@ def select_layers(
     if names is None:
         return list(available)
     by_name = {layer.name: layer for layer in available}
-    chosen = []
     for name in names:
         if name not in by_name:
             listing = "\n  ".join(by_name)
             raise KeyError(f"{name!r} is not an attention layer of this model; choose from:\n  {listing}")
-        chosen.append(by_name[name])
-    return chosen
+    return [by_name[name] for name in names]
 
 
 def layer_resolution(num_positions: int, latent_size: tuple[int, int]) -> tuple[int, int]:

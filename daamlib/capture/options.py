@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -83,10 +83,6 @@ class TraceOptions:
             and (self.query_layers is None or layer in self.query_layers)
             and (self.query_steps is None or step in self.query_steps)
         )
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {field.name for field in fields(cls)}
 
 
 def _concept_words(concepts) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ padding mask the model applies), or the joint attention of SD3 and Flux (see ``.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from contextlib import contextmanager
 from functools import partial
@@ -304,9 +305,9 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
     """
     if options is not None and fields:
         raise TypeError("pass either options= or option fields, not both (use dataclasses.replace(options, ...))")
-    unknown = sorted(set(fields) - TraceOptions.field_names())
-    if unknown:
-        raise TypeError(f"unknown trace options {unknown}; choose from {sorted(TraceOptions.field_names())}")
+    known = {field.name for field in dataclasses.fields(TraceOptions)}
+    if set(fields) - known:
+        raise TypeError(f"unknown trace options {sorted(set(fields) - known)}; choose from {sorted(known)}")
     options = options if options is not None else TraceOptions(**fields)
     if unet_calls is not None and (type(unet_calls) is not int or unet_calls < 1 or options.cfg is None):
         raise ValueError(f"unet_calls={unet_calls!r} (direct UNet calls) needs a positive count and cfg=True or cfg=False "
