@@ -60,12 +60,8 @@ def instances(mask: np.ndarray, connectivity: int = 2) -> list[np.ndarray]:
 def mask_to_polygons(mask: np.ndarray, tolerance: float = 0.5) -> list[np.ndarray]:
     """Outer contours of a mask as polygons [k, 2] of (x, y) pixel-corner coordinates."""
     padded = np.pad(np.asarray(mask, dtype=float), 1)
-    polygons = []
-    for contour in measure.find_contours(padded, 0.5):
-        contour = measure.approximate_polygon(contour, tolerance) - 1  # undo the padding
-        if len(contour) >= 3:
-            polygons.append(np.stack([contour[:, 1] + 0.5, contour[:, 0] + 0.5], axis=1))
-    return polygons
+    contours = [measure.approximate_polygon(c, tolerance) - 1 for c in measure.find_contours(padded, 0.5)]  # unpadded
+    return [contour[:, ::-1] + 0.5 for contour in contours if len(contour) >= 3]  # (row, column) -> (x, y)
 
 
 def polygons_to_mask(polygons: Sequence[np.ndarray], shape: Sequence[int]) -> np.ndarray:

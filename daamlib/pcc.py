@@ -27,6 +27,7 @@ from sklearn.decomposition import PCA
 from torch.nn import functional as F
 
 from .labels import BACKGROUND, UNCERTAIN
+from .layout import resize, unflatten_positions
 from .methods import openvocab
 from .metrics import iou, normalize
 from .record import Record
@@ -55,8 +56,7 @@ def self_attention_features(record: Record, components: int = 3, seed: int = 0) 
         resolution = record.layer(name).resolution
         for head in outputs.float().numpy():
             reduced = PCA(n_components=min(components, *head.shape), random_state=seed).fit_transform(head)  # [hw, c]
-            grid = torch.from_numpy(reduced.T.copy()).reshape(1, -1, *resolution)
-            features.append(F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)[0])
+            features.append(resize(unflatten_positions(torch.from_numpy(reduced), resolution), (height, width)))
     stacked = torch.cat(features).permute(1, 2, 0).numpy()  # [H, W, F]
     stacked = (stacked - stacked.mean(axis=(0, 1))) / (stacked.std(axis=(0, 1)) + 1e-6)
     ys, xs = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
@@ -80,11 +80,10 @@ def class_maps(record: Record, words: dict[int, str], pipe) -> tuple[dict[int, n
 
     The words form one context phrase, so the maps share one softmax (SOT, the words, EOT)."""
     phrase = " ".join(words.values())
-    maps = openvocab(record, phrase, pipe=pipe) if phrase not in record.contexts else openvocab(record, phrase)
+    maps = openvocab(record, phrase, pipe=pipe)  # the maps stored by re-run where the record has them
     tokens = TextEncoder(pipe).encode(phrase).tokens
-    per_class = {}
-    for label, word in words.items():
-        per_class[label] = normalize(maps[list(tokens.token_indices(word))].mean(dim=0)).numpy()
+    per_class = {label: normalize(maps[list(tokens.token_indices(word))].mean(dim=0)).numpy()
+                 for label, word in words.items()}
     return per_class, normalize(maps[tokens.sot_index]).numpy()
 
 

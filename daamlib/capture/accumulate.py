@@ -217,9 +217,10 @@ class GenerationState:
         for name, query_sum in self.query_sums.items():
             weight, key_bias = key_parameters(name, query_sum.device)  # [inner, d_text], [inner]
             biased = biased or key_bias is not None
-            bias_column = torch.zeros_like(weight[:, :1]) if key_bias is None else key_bias[:, None]  # the bias as an input
-            layer_matrix = query_sum @ torch.cat([weight, bias_column], dim=1)  # [N, hw, d_text + 1]
-            up = resize(unflatten_positions(layer_matrix, self.layers[name].resolution), self.latent_size, self.options.upsample)
+            bias_column = torch.zeros_like(weight[:, :1]) if key_bias is None else key_bias[:, None]  # the bias, an input
+            layer_matrix = unflatten_positions(query_sum @ torch.cat([weight, bias_column], dim=1),  # [N, d_text + 1, h_l, w_l]
+                                               self.layers[name].resolution)
+            up = resize(layer_matrix, self.latent_size, self.options.upsample)
             total = total + up.flatten(-2).transpose(-1, -2)  # [N, H*W, d_text + 1]
         return total[..., :-1], total[..., -1] if biased else None
 

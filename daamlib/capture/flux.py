@@ -91,12 +91,13 @@ class FluxReader:
         """Refuses what would be read wrongly: Flux built from the generic ``Attention`` by older diffusers (its rotary
         embeddings and [text, image] order would be missed), and ``cfg=True`` (no Flux batch holds two halves)."""
         if not any(is_flux_attention(m) for m in model.modules()):
-            raise NotImplementedError("this diffusers builds Flux's blocks from the generic Attention class; daamlib reads "
-                                      "Flux through FluxAttention (newer diffusers): upgrade diffusers to trace Flux")
+            raise NotImplementedError("this diffusers builds Flux's blocks from the generic Attention class; daamlib "
+                                      "reads Flux through FluxAttention (newer diffusers): upgrade diffusers to trace Flux")
         if options.cfg:
-            raise ValueError("cfg=True says each batch holds [negative, prompt] halves; Flux's never does (its guidance is "
-                             "distilled; true CFG calls the transformer again with the negative prompt, and the trace tells "
-                             "those calls apart itself): leave cfg unset, and choose the negative prompt's with branch='uncond'")
+            raise ValueError("cfg=True says each batch holds [negative, prompt] halves; Flux's never does (its guidance "
+                             "is distilled; true CFG calls the transformer again with the negative prompt, and the trace "
+                             "tells those calls apart itself): leave cfg unset, and choose the negative prompt's with "
+                             "branch='uncond'")
         self.uncond = options.branch == "uncond"
         self.prompt: torch.Tensor | None = None
         self.latents: torch.Tensor | None = None
@@ -114,8 +115,9 @@ class FluxReader:
         self.text_length = context.shape[1]
         traced = (call == "negative") == self.uncond
         # the model gets t / 1000; the record keeps the scheduler's scale of t, as for SD3
-        timestep = None if call == "negative" else torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000
-        return call == "start", latents.shape[0], slice(0, latents.shape[0]) if traced else None, timestep
+        timestep = torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000
+        rows = slice(0, latents.shape[0]) if traced else None
+        return call == "start", latents.shape[0], rows, None if call == "negative" else timestep
 
     def _classify(self, latents: torch.Tensor, context: torch.Tensor, fresh: bool, complete: bool) -> str:
         """"start", "prompt" or "negative"."""
