@@ -112,19 +112,15 @@ def _conditioning(pipe, family: str, prompts, negatives, cfg: bool, device, size
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, None, None, device=device,
                                                                  do_classifier_free_guidance=cfg, negative_prompt=negatives)
         return {"encoder_hidden_states": both(cond, uncond).to(dtype), "pooled_projections": both(pooled, uncond_pooled).to(dtype)}
-    context, added = _unet_conditioning(pipe, prompts, negatives, cfg, device, size)
-    return {"encoder_hidden_states": context.to(dtype), "added_cond_kwargs": added}
-
-
-def _unet_conditioning(pipe, prompts, negatives, cfg: bool, device, size):
-    kind = getattr(pipe.unet.config, "addition_embed_type", None)
+    kind = getattr(pipe.unet.config, "addition_embed_type", None)  # SDXL: "text_time"
     if kind not in (None, "text_time") or "requires_aesthetics_score" in pipe.config:  # SDXL img2img: other time ids
         raise NotImplementedError(f"attribute_image builds the added conditioning of SDXL's text-to-image pipeline only "
                                   f"(text_embeds, time_ids); {type(pipe).__name__} with addition_embed_type={kind!r} needs other inputs")
-    both = partial(_cfg_batch, cfg)
     if kind is None:
-        return both(*pipe.encode_prompt(prompts, device, 1, cfg, negatives)), None
+        context = both(*pipe.encode_prompt(prompts, device, 1, cfg, negatives))
+        return {"encoder_hidden_states": context.to(dtype), "added_cond_kwargs": None}
     cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=cfg,
                                                              negative_prompt=negatives)
     ids = pipe._get_add_time_ids(size, (0, 0), size, cond.dtype, pipe.text_encoder_2.config.projection_dim).to(device)
-    return both(cond, uncond), {"text_embeds": both(pooled, uncond_pooled), "time_ids": ids.repeat(len(cond) * (1 + cfg), 1)}
+    added = {"text_embeds": both(pooled, uncond_pooled), "time_ids": ids.repeat(len(cond) * (1 + cfg), 1)}
+    return {"encoder_hidden_states": both(cond, uncond).to(dtype), "added_cond_kwargs": added}
