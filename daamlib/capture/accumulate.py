@@ -5,11 +5,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable
 
 import torch
 
 from ..layout import resize, unflatten_positions
+from ..modules import linear_parameters
 from ..record import RECORD_KINDS, LayerMeta, Record, RecordMeta, map_tensors
 from ..tokens import PromptTokens
 from .layers import AttentionLayer, layer_resolution
@@ -134,13 +134,8 @@ class GenerationState:
         self.self_attention[layer.name] = head_outputs.float()  # [N, heads, hw, head_dim]
 
     # -- records ------------------------------------------------------------------------------
-    def to_records(
-        self,
-        key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]],
-        contexts: dict[str, ContextKeys],
-        provenance: dict,
-    ) -> list[Record]:
-        """Split the batched sums into one :class:`Record` per image.
+    def to_records(self, denoiser: torch.nn.Module, contexts: dict[str, ContextKeys], provenance: dict) -> list[Record]:
+        """Split the batched sums into one :class:`Record` per image (``denoiser``: the traced layers' W_k).
 
         Maps go to the CPU in float32; the query cache stays where it was recorded.
         """
@@ -150,7 +145,7 @@ class GenerationState:
         if self.text_embeddings.is_cuda:
             torch.cuda.synchronize(self.text_embeddings.device)  # non-blocking copies into pinned host memory have landed
         batched = {kind.name: getattr(self, kind.name, None) for kind in RECORD_KINDS}  # entries [N, ...] (steps: lists)
-        batched["linear_matrix"], batched["linear_bias"] = self._collapse_linear(key_parameters)
+        batched["linear_matrix"], batched["linear_bias"] = self._collapse_linear(denoiser)
         tokens = self._image_tokens()
         timesteps = [float(t) for t in self.timesteps]
         records = []
@@ -205,17 +200,14 @@ class GenerationState:
         per_prompt = self.num_images // len(prompts)  # diffusers repeats each prompt consecutively (checked at the start)
         return [prompts[i // per_prompt] for i in range(self.num_images)]
 
-    def _collapse_linear(
-        self, key_parameters: Callable[[str, torch.device], tuple[torch.Tensor, torch.Tensor | None]]
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """M = sum_l up((sum_t Q_t,l) W_k^l)  [N, H*W, d_text], and the same for the key bias.
-
-        Computed where the sums are (the weights are brought there, also from CPU offload)."""
+    def _collapse_linear(self, denoiser: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """M = sum_l up((sum_t Q_t,l) W_k^l)  [N, H*W, d_text], and the same for the key bias; computed where the sums are."""
         if not self.query_sums:
             return None, None
         total, biased = 0, False
         for name, query_sum in self.query_sums.items():
-            weight, key_bias = key_parameters(name, query_sum.device)  # [inner, d_text], [inner]
+            to_k = denoiser.get_submodule(name).to_k  # its weight and bias are brought here, also from CPU offload
+            weight, key_bias = linear_parameters(to_k, query_sum.device)  # [inner, d_text], [inner]
             biased = biased or key_bias is not None
             bias_column = torch.zeros_like(weight[:, :1]) if key_bias is None else key_bias[:, None]  # the bias, an input
             layer_matrix = unflatten_positions(query_sum @ torch.cat([weight, bias_column], dim=1),  # [N, d_text + 1, h_l, w_l]

@@ -13,11 +13,11 @@ import dataclasses
 import inspect
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from ..modules import conditioning, denoiser, execution_device, family, linear_parameters, model_fingerprint
+from ..modules import conditioning, denoiser, execution_device, family, model_fingerprint
 from ..record import Record
 from .accumulate import ContextKeys, GenerationState
 from .concepts import ConceptStream, concept_stream
@@ -136,10 +136,7 @@ class Trace:
             provenance = {"model_id": None if name is None else str(name), "model_fingerprint": self.fingerprint,
                           "scheduler": type(self.pipe.scheduler).__name__,
                           "image_size": None if scale is None else (height * scale, width * scale)}
-            self._records.extend(state.to_records(self._key_parameters, self.contexts, provenance))
-
-    def _key_parameters(self, layer: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return linear_parameters(self.denoiser.get_submodule(layer).to_k, device)
+            self._records.extend(state.to_records(self.denoiser, self.contexts, provenance))
 
     # -- called by the processors ---------------------------------------------------------------
     def observe_cross_attention(self, layer, attn, hidden_states, encoder_hidden_states, attention_mask) -> None:
