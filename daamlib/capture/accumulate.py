@@ -96,8 +96,7 @@ class GenerationState:
             self.queries[(name, self.step)] = _cached(flat_queries, options)
         for phrase, phrase_keys in context_keys.items():
             logits = queries32 @ phrase_keys.float().transpose(-1, -2).unsqueeze(0) * scale
-            maps = self.contexts.setdefault(phrase, {})
-            _add(maps, name, torch.softmax(logits, dim=-1).sum(dim=1))  # [N, hw, m]
+            _add(self.contexts.setdefault(phrase, {}), name, torch.softmax(logits, dim=-1).sum(dim=1))  # [N, hw, m]
 
     def add_joint_attention(
         self,

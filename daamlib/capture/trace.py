@@ -54,7 +54,6 @@ class Trace:
         self._encoder_ids: dict[str, list[torch.Tensor]] = {}  # encoder -> [prompts, n] per call since the last denoiser call
         self._context_keys: dict[str, dict[str, torch.Tensor]] = {}  # layer -> phrase -> [heads, m, d]
         self._rows: slice | None = slice(0, 0)  # None: this call is of the branch not traced (Flux's true CFG)
-        self._capture_self_attention = False
         flux = family(self.denoiser) == "flux"  # its reader refuses what it cannot read
         self.reader = FluxReader(self.denoiser, options) if flux else BatchedReader(pipe, options, unet_calls)
 
@@ -87,7 +86,6 @@ class Trace:
         if self._rows is not None and self._current.text_embeddings is None:  # the traced branch's first call
             context = inputs["encoder_hidden_states"][self._rows]  # [N, n, d_text]
             self._current.text_embeddings = conditioning(self.pipe, context.detach()).float()
-        self._capture_self_attention = self.options.self_attention and self._current.at_last_step
         if self.concepts is not None:
             self.concepts.start_call(inputs, self._rows)
 
@@ -182,7 +180,7 @@ class Trace:
 
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
-        if not self._capture_self_attention:
+        if not state.at_last_step:  # the up blocks' self-attention of the last step only
             return
         _check_token_sequence(layer, hidden_states)
         hidden = hidden_states[self._rows]  # [N, hw, C]
