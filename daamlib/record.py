@@ -239,16 +239,12 @@ class Record:
         """
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float16 (or None to keep float32), not {dtype!r}")
-        tensors = {name: _stored(t, dtype) for name, t in self._named_tensors().items()}
+        phrases = list(self.meta.contexts)
+        tensors = {name: _stored(t, dtype) for kind in RECORD_KINDS
+                   for name, t in _file_entries(kind, getattr(self, kind.name), phrases).items()}
         if self.image is not None:
             tensors["image"] = torch.from_numpy(np.ascontiguousarray(self.image))
         return save_safetensors(tensors, path, {_METADATA_KEY: self.meta.to_json()})
-
-    def _named_tensors(self) -> dict[str, torch.Tensor]:
-        named: dict[str, torch.Tensor] = {}
-        for kind in RECORD_KINDS:
-            named.update(_file_entries(kind, getattr(self, kind.name), list(self.meta.contexts)))
-        return named
 
 
 def _stored(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
