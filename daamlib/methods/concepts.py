@@ -14,7 +14,6 @@ from typing import Sequence
 
 import torch
 
-from ..layout import check_upsample_mode
 from ..record import Record
 from .common import check_record, chosen_layers, sum_upsampled
 from .protocol import Attribution
@@ -29,12 +28,11 @@ def concept_maps(record: Record, *, variant: str = "output", layers: Sequence[st
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {sorted(VARIANTS)} ('output': ConceptAttention, 'cross': the "
                          f"cross-attention of image queries and concept keys), not {variant!r}")
-    check_upsample_mode(upsample)
     stored = getattr(record, VARIANTS[variant])
     if not stored:
         raise KeyError("this record holds no concept maps; trace an SD3 or Flux pipeline with concepts=['car', ...]")
     chosen = chosen_layers(record, layers, stored)
-    return sum_upsampled(stored, chosen, record.latent_size, upsample)
+    return sum_upsampled(stored, chosen, record.latent_size, upsample)  # resize checks upsample
 
 
 def concept_attention(record: Record, concept: str, *, variant: str = "output", layers: Sequence[str] | None = None,

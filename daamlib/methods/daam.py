@@ -8,7 +8,7 @@ import torch
 
 from ..record import LayerMeta, Record
 from .common import check_record, check_token_index, chosen_layers, select_steps, sum_upsampled, word_indices
-from ..layout import check_upsample_mode, resize, unflatten_positions
+from ..layout import resize, unflatten_positions
 
 Mode = Literal["thesis", "daam-0.2"]
 MODES = ("thesis", "daam-0.2")
@@ -64,9 +64,7 @@ def token_maps(
     _check_mode(mode)
     indices = _index_list(record, token_indices)
     if mode == "thesis":
-        upsample = "bilinear" if upsample is None else upsample
-        check_upsample_mode(upsample)
-        maps = _thesis_maps(record, indices, layers, steps, upsample)
+        maps = _thesis_maps(record, indices, layers, steps, "bilinear" if upsample is None else upsample)  # resize checks it
     else:
         if steps is not None:
             raise ValueError("mode='daam-0.2' aggregates every step, as the original package did; drop steps=")
