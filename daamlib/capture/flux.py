@@ -47,33 +47,6 @@ def token_grid(img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
     return rows, cols
 
 
-def image_queries_and_keys(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
-                           rotary: tuple[torch.Tensor, torch.Tensor], text_length: int):
-    """(image queries, image keys, text keys) [N, heads, positions, head_dim] as the block's attention computes them:
-    projected, RMS-normed per head, rotated by their positions in [text, image]. ``encoder_hidden_states``: the text
-    stream of a double-stream block; None in a single-stream block, whose input joins [text, image]."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    if encoder_hidden_states is None:
-        text, image = hidden_states[:, :text_length], hidden_states[:, text_length:]
-        text_keys = attn.norm_k(_heads(attn, attn.to_k(text)))
-    else:
-        text, image = encoder_hidden_states, hidden_states
-        text_keys = attn.norm_added_k(_heads(attn, attn.add_k_proj(text)))
-    queries, image_keys = attn.norm_q(_heads(attn, attn.to_q(image))), attn.norm_k(_heads(attn, attn.to_k(image)))
-    if rotary is None:
-        raise ValueError("a Flux attention call came without image_rotary_emb; only FluxTransformer2DModel's calls are traced")
-    cos, sin = rotary  # [text + image positions, head_dim]
-    n = text.shape[1]
-    if cos.shape[0] != n + image.shape[1]:
-        raise ValueError(f"Flux's rotary embedding covers {cos.shape[0]} positions, not {n} text + {image.shape[1]} image tokens")
-
-    def rotated(x: torch.Tensor, positions: slice) -> torch.Tensor:  # [N, S, heads, d] -> [N, heads, S, d]
-        return apply_rotary_emb(x, (cos[positions], sin[positions]), sequence_dim=1).transpose(1, 2)
-
-    return rotated(queries, slice(n, None)), rotated(image_keys, slice(n, None)), rotated(text_keys, slice(0, n))
-
-
 def _heads(attn, projected: torch.Tensor) -> torch.Tensor:
     return projected.unflatten(-1, (-1, attn.head_dim))  # [N, S, heads, head_dim], the processor's layout
 
@@ -138,8 +111,32 @@ class FluxReader:
         rows, cols = token_grid(inputs["img_ids"], inputs["hidden_states"].shape[1])  # reads img_ids once per generation
         return PATCH * rows, PATCH * cols
 
-    def joint_attention(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, rotary):
-        """(image queries, image keys, text keys) [N, heads, positions, d] and the softmax scale (see
-        :func:`image_queries_and_keys`: rotary embeddings over [text, image], each block's own norms)."""
-        scale = 1 / math.sqrt(attn.head_dim)  # FluxAttnProcessor leaves SDPA's default
-        return *image_queries_and_keys(attn, hidden_states, encoder_hidden_states, rotary, self.text_length), scale
+    def joint_attention(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                        rotary: tuple[torch.Tensor, torch.Tensor]):
+        """(image queries, image keys, text keys) [N, heads, positions, head_dim] as the block's attention computes them:
+        projected, RMS-normed per head, rotated by their positions in [text, image]; and the softmax scale, SDPA's
+        default (FluxAttnProcessor sets none). ``encoder_hidden_states``: the text stream of a double-stream block;
+        None in a single-stream block, whose input joins [text, image]."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if encoder_hidden_states is None:
+            text, image = hidden_states[:, :self.text_length], hidden_states[:, self.text_length:]
+            text_keys = attn.norm_k(_heads(attn, attn.to_k(text)))
+        else:
+            text, image = encoder_hidden_states, hidden_states
+            text_keys = attn.norm_added_k(_heads(attn, attn.add_k_proj(text)))
+        queries, image_keys = attn.norm_q(_heads(attn, attn.to_q(image))), attn.norm_k(_heads(attn, attn.to_k(image)))
+        if rotary is None:
+            raise ValueError("a Flux attention call came without image_rotary_emb; only FluxTransformer2DModel's calls "
+                             "are traced")
+        cos, sin = rotary  # [text + image positions, head_dim]
+        n = text.shape[1]
+        if cos.shape[0] != n + image.shape[1]:
+            raise ValueError(f"Flux's rotary embedding covers {cos.shape[0]} positions, not {n} text + {image.shape[1]} "
+                             "image tokens")
+
+        def rotated(x: torch.Tensor, positions: slice) -> torch.Tensor:  # [N, S, heads, d] -> [N, heads, S, d]
+            return apply_rotary_emb(x, (cos[positions], sin[positions]), sequence_dim=1).transpose(1, 2)
+
+        pixels, scale = slice(n, None), 1 / math.sqrt(attn.head_dim)  # the image's positions in [text, image]
+        return rotated(queries, pixels), rotated(image_keys, pixels), rotated(text_keys, slice(0, n)), scale
