@@ -77,12 +77,14 @@ class FluxReader:
         self.prompt_calls = self.negative_calls = 0
         self.text_length = 0  # text positions of the current call (its single-stream blocks see [text, image])
 
-    def read(self, inputs: dict, fresh: bool, complete: bool) -> tuple[bool, int, slice | None, torch.Tensor | None]:
-        """(starts a generation, images, the traced rows or None, timestep or None: the negative call of a step).
-        ``fresh``: a generation must start (none yet, or the text encoders ran); ``complete``: the current one has
-        had all its prompt calls (its last negative call may still come)."""
+    def read(self, inputs: dict, fresh: bool, complete: bool, encoder_calls: dict[str, list]):
+        """(latent size when the call starts a generation, else None; images; the traced rows or None; timestep or
+        None: the negative call of a step). ``fresh``: a generation must start (none yet, or the text encoders ran);
+        ``complete``: the current one has had all its prompt calls (its last negative call may still come);
+        ``encoder_calls``: the text encoders' calls since the last transformer call."""
         latents, context = inputs["hidden_states"], inputs["encoder_hidden_states"]  # [B, h*w, 4C], [B, n, d_text]
         call = self._classify(latents, context, fresh, complete)
+        latent_size = self._latent_size(inputs, encoder_calls) if call == "start" else None
         if call == "prompt" and self.uncond and self.negative_calls < self.prompt_calls - 1:
             raise ValueError(NO_NEGATIVE_CALLS)
         self.text_length = context.shape[1]
@@ -90,7 +92,7 @@ class FluxReader:
         # the model gets t / 1000; the record keeps the scheduler's scale of t, as for SD3
         timestep = torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0].float() * 1000
         rows = slice(0, latents.shape[0]) if traced else None
-        return call == "start", latents.shape[0], rows, None if call == "negative" else timestep
+        return latent_size, latents.shape[0], rows, None if call == "negative" else timestep
 
     def _classify(self, latents: torch.Tensor, context: torch.Tensor, fresh: bool, complete: bool) -> str:
         """"start", "prompt" or "negative"."""
@@ -104,8 +106,8 @@ class FluxReader:
         self.prompt, self.latents, self.prompt_calls, self.negative_calls = context, latents, 1, 0
         return "start"
 
-    def latent_size(self, inputs: dict, encoder_calls: dict[str, list]) -> tuple[int, int]:
-        """The VAE latent (2h, 2w) of a generation that starts; ``encoder_calls``: the text encoders' calls before it."""
+    def _latent_size(self, inputs: dict, encoder_calls: dict[str, list]) -> tuple[int, int]:
+        """The VAE latent (2h, 2w) of a generation that starts."""
         if self.uncond and any(len(calls) == 1 for calls in encoder_calls.values()):
             raise ValueError(NO_NEGATIVE_CALLS)  # only the prompt was encoded
         rows, cols = token_grid(inputs["img_ids"], inputs["hidden_states"].shape[1])  # reads img_ids once per generation

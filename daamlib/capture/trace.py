@@ -74,11 +74,12 @@ class Trace:
 
     def on_denoiser(self, module, args, kwargs) -> None:
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments  # UNet and DiT order their inputs differently
-        fresh = self._current is None or bool(self._encoder_ids)
-        starts, num_images, self._rows, timestep = self.reader.read(inputs, fresh, fresh or self._current.complete)
-        if starts:
+        fresh = self._current is None or bool(self._encoder_ids)  # a generation must start: none yet, or prompts encoded
+        complete = fresh or self._current.complete
+        latent_size, num_images, self._rows, timestep = self.reader.read(inputs, fresh, complete, self._encoder_ids)
+        if latent_size is not None:  # the call starts a generation
             self._finish_current()
-            self._start(num_images, self.reader.latent_size(inputs, self._encoder_ids))
+            self._start(num_images, latent_size)
         elif num_images != self._current.num_images:
             raise ValueError(f"the batch changed from {self._current.num_images} to {num_images} images mid-generation")
         if timestep is not None:  # None: the negative prompt's call of a step (Flux's true CFG)
@@ -205,23 +206,19 @@ class BatchedReader:
     def __init__(self, pipe, options: TraceOptions, unet_calls: int | None) -> None:
         self.pipe, self.options, self.unet_calls = pipe, options, unet_calls
 
-    def read(self, inputs: dict, fresh: bool, complete: bool) -> tuple[bool, int, slice, torch.Tensor]:
-        """(starts a generation, images N, the traced branch's rows, timestep)."""
-        batch, cfg = self._latents(inputs).shape[0], self._uses_cfg()
+    def read(self, inputs: dict, fresh: bool, complete: bool, encoder_calls: dict[str, list]):
+        """(latent size (h, w) when the call starts a generation, else None; images N; the traced branch's rows;
+        timestep). ``fresh``: a generation must start; ``complete``: the current one ran all its steps."""
+        sample = inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w] latents
+        batch, cfg = sample.shape[0], self._uses_cfg()
         if cfg and batch % 2:
             raise ValueError(f"classifier-free guidance with an odd batch of {batch}; pass cfg=False to trace")
         if self.options.branch == "uncond" and not cfg:
             raise ValueError("branch='uncond' needs classifier-free guidance (guidance_scale > 1)")
         num_images = batch // 2 if cfg else batch
         rows = slice(num_images, 2 * num_images) if cfg and self.options.branch == "cond" else slice(0, num_images)
-        return fresh or complete, num_images, rows, torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0]
-
-    def latent_size(self, inputs: dict, encoder_calls: dict[str, list]) -> tuple[int, int]:
-        return tuple(self._latents(inputs).shape[-2:])
-
-    @staticmethod
-    def _latents(inputs: dict) -> torch.Tensor:
-        return inputs["sample"] if "sample" in inputs else inputs["hidden_states"]  # [B, C, h, w]
+        latent_size = tuple(sample.shape[-2:]) if fresh or complete else None
+        return latent_size, num_images, rows, torch.as_tensor(inputs["timestep"]).detach().reshape(-1)[0]
 
     def _uses_cfg(self) -> bool:
         # direct UNet calls (unet_calls set, cfg given): the pipeline's flag is stale or missing, so it is not read
