@@ -134,7 +134,8 @@ class GenerationState:
 
     # -- records ------------------------------------------------------------------------------
     def to_records(self, denoiser: torch.nn.Module, contexts: dict[str, ContextKeys], provenance: dict) -> list[Record]:
-        """Split the batched sums into one :class:`Record` per image (``denoiser``: the traced layers' W_k).
+        """Split the batched sums into one :class:`Record` per image (``denoiser``: the traced layers' W_k;
+        ``provenance``: the records' model_id, model_fingerprint, scheduler and image_size).
 
         Maps go to the CPU in float32; the query cache stays where it was recorded.
         """
@@ -154,18 +155,15 @@ class GenerationState:
                 token_strings=list(tokens[index].strings) if tokens else None,
                 added_tokens=list(tokens[index].added_tokens) if tokens else [],
                 latent_size=tuple(self.latent_size),
-                image_size=provenance.get("image_size"),
                 layers=list(self.layers.values()),
                 timesteps=timesteps,
                 branch=self.options.branch,
                 linear_upsample=self.options.upsample,
-                model_id=provenance.get("model_id"),
-                model_fingerprint=provenance.get("model_fingerprint"),
-                scheduler=provenance.get("scheduler"),
                 image_index=index,
                 query_steps=sorted({step for _, step in self.queries}),
                 contexts={phrase: keys.token_strings for phrase, keys in contexts.items()},
                 concepts=list(self.options.concepts or ()),
+                **provenance,
             )
             per_image = {kind.name: map_tensors(kind, batched[kind.name], partial(_image_entry, kind.name, index))
                          for kind in RECORD_KINDS}
