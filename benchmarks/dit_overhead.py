@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import torch
 
 import daamlib
-from daamlib.io import write_json
+from daamlab.io import write_json
 from daamlab.testing.dit import PUBLISHED_TRANSFORMERS
 
 from measure import interleaved, median_ratio  # benchmarks/ is on sys.path when this file runs as a script

@@ -23,7 +23,7 @@ import torch
 import transformers
 
 import daamlib
-from daamlib.io import write_json
+from daamlab.io import write_json
 from daamlab.testing.unet import sd2_base_random_pipeline, sdxl_base_random_pipeline
 
 from measure import peak_memory  # benchmarks/ is on sys.path when this file runs as a script

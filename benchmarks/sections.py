@@ -27,7 +27,7 @@ from naive_capture import naive_daam, naive_trace
 
 import daamlib
 from daamlab.datagen import GenerationSettings, generate_dataset
-from daamlib.io import save_png
+from daamlab.io import save_png
 from daamlib.methods.linear import linear_maps
 from daamlib.methods.openvocab import openvocab_maps
 from daamlab.prompts import PromptSet

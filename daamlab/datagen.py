@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
-from daamlib.io import save_png, write_json, write_parquet
+from daamlab.io import save_png, write_json, write_parquet
 from daamlib.labels import (
     BACKGROUND,
     UNCERTAIN,

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import numpy as np
 from PIL import Image
 
-from daamlib.io import save_png, write_json
+from daamlab.io import save_png, write_json
 from daamlib.methods import daam
 from daamlab.sam import heatmap_prompt
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from daamlib.io import atomic_path, write_json, write_text
+from daamlib.io import atomic_path, write_text
+from daamlab.io import write_json
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPOSITORY / "notebooks"

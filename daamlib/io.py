@@ -3,14 +3,11 @@ safetensors convention of records and optimized tokens: the ``.safetensors`` suf
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
-
-import numpy as np
 
 
 @contextmanager
@@ -47,26 +44,6 @@ def _create_temporary(path: Path) -> str:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text)
-    return Path(path)
-
-
-def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
-    return write_text(path, json.dumps(payload, indent=indent, default=str))
-
-
-def write_parquet(frame, path: str | os.PathLike) -> Path:
-    """Write a pandas DataFrame as parquet, atomically, without its index."""
-    with atomic_path(path) as temporary:
-        frame.to_parquet(temporary, index=False)
-    return Path(path)
-
-
-def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write ``array`` (uint8 [H, W] or [H, W, 3]) as a PNG."""
-    from PIL import Image
-
-    with atomic_path(path) as temporary:
-        Image.fromarray(array).save(temporary, format="PNG")
     return Path(path)
 
 

@@ -11,7 +11,7 @@ import pytest
 from pipelines import tiny_pipeline
 
 from daamlib import attention_layers
-from daamlib.io import write_json
+from daamlab.io import write_json
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ["pandas", "pyarrow", "sklearn", "skimage", "matplotlib", "scipy", "ipywidgets", "papermill"]
-MAX_MODULE_LINES, MAX_LIBRARY_LINES = 400, 5000  # 4000 for the UNet families; room for the DiTs
+MAX_MODULE_LINES, MAX_LIBRARY_LINES = 400, 4000
 
 
 def modules(package: str) -> dict[str, Path]:

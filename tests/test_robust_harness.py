@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from daamlab.experiments.dataset import ThesisDataset, ground_truth_source, import_masks, sample_name
-from daamlib.io import write_json, write_text
+from daamlib.io import write_text
+from daamlab.io import write_json
 from daamlab.runs import (NOTEBOOK_DIR, PRESET_DIR, load_preset, main, notebook_defaults, resolve_path, run_preset)
 
 

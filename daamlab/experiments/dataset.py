@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
-from daamlib.io import save_png, write_parquet
+from daamlab.io import save_png, write_parquet
 from daamlib.record import Record, load_record
 from daamlab.toyworld.captions import thesis_prompt
 from daamlab.toyworld.labels import CLASS_WORD

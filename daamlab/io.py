@@ -1,0 +1,32 @@
+"""The harness's atomic writers (JSON, Parquet manifests, PNGs), on :func:`daamlib.io.atomic_path`: a killed
+process leaves the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from daamlib.io import atomic_path, write_text
+
+
+def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
+    return write_text(path, json.dumps(payload, indent=indent, default=str))
+
+
+def write_parquet(frame, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame as parquet, atomically, without its index."""
+    with atomic_path(path) as temporary:
+        frame.to_parquet(temporary, index=False)
+    return Path(path)
+
+
+def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write ``array`` (uint8 [H, W] or [H, W, 3]) as a PNG."""
+    from PIL import Image
+
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
+    return Path(path)
