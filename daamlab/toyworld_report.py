@@ -134,13 +134,14 @@ def write_report(results: dict, path: Path, figure_path: Path) -> None:
         "| stage | steps | batch | minutes | final loss |",
         "|---|---|---|---|---|",
     ]
-    for stage in ("vae", "annotator", "unet"):
+    batch_sizes = {"vae": config["vae_batch_size"], "textenc": config.get("textenc_batch_size")}
+    for stage in ("vae", "annotator", "textenc", "unet"):
         if stage in reports:
             report = reports[stage]
             loss = report.get("final_loss", float("nan"))
-            batch = config["vae_batch_size"] if stage == "vae" else config["batch_size"]
+            batch = batch_sizes.get(stage, config["batch_size"])
             lines.append(f"| {stage} | {report['steps']} | {batch} | {report['seconds'] / 60:.1f} | {loss:.4f} |")
-    lines += [""] + [f"- {stage}: {reports[stage]['note']}" for stage in ("vae", "annotator", "unet")
+    lines += [""] + [f"- {stage}: {reports[stage]['note']}" for stage in ("vae", "annotator", "textenc", "unet")
                      if "note" in reports.get(stage, {})]
     lines += ["", f"Shipped UNet/text-encoder weights: {reports.get('unet', {}).get('exported_weights', 'ema')}."]
     annotator = reports.get("annotator", {})
