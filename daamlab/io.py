@@ -1,5 +1,6 @@
-"""The harness's atomic writers (JSON, Parquet manifests, PNGs), on :func:`daamlib.io.atomic_path`: a killed
-process leaves the old file or the new one, never half of one."""
+"""The harness's writers: atomic JSON, Parquet manifests and PNGs on :func:`daamlib.io.atomic_path` (a killed
+process leaves the old file or the new one, never half of one), and ``save_pretrained`` for models; every file
+ends with mode 0666 & ~umask."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from daamlib.io import atomic_path, write_text
+from daamlib.io import atomic_path, honour_umask, write_text
 
 
 def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
@@ -30,3 +31,10 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_path(path) as temporary:
         Image.fromarray(array).save(temporary, format="PNG")
     return Path(path)
+
+
+def save_pretrained(model, directory: str | os.PathLike, **kwargs) -> Path:
+    """``model.save_pretrained(directory, **kwargs)`` (a diffusers or transformers model or pipeline), then every
+    file it wrote given mode 0666 & ~umask: their safetensors writer may make private (0600) files."""
+    model.save_pretrained(directory, **kwargs)
+    return honour_umask(directory)

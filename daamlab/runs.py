@@ -63,8 +63,8 @@ def save_results(run_dir: str | os.PathLike, notebook: str, results: dict) -> Pa
 def save_figure(run_dir: str | os.PathLike, name: str, figure) -> Path:
     """Save a matplotlib figure under ``<run_dir>/figures`` for the report."""
     path = Path(run_dir) / "figures" / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=100, bbox_inches="tight")
     return path
 
 

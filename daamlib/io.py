@@ -4,6 +4,7 @@ safetensors convention of records and optimized tokens: the ``.safetensors`` suf
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,13 +16,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) to write to; it replaces ``path`` when the
     ``with`` block succeeds and is removed when it fails.
 
-    The temporary file is created with mode 0666 filtered by the process umask, as ``open()`` does
-    (``tempfile.mkstemp`` would give 0600), so the final file has the permissions users expect."""
+    The final file has mode 0666 filtered by the process umask, as ``open()`` gives: the temporary file
+    is created so (``tempfile.mkstemp`` would give 0600), and set so again after the writer ran, since
+    some writers (safetensors >= 0.8 among them) write a private file of their own and move it there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _create_temporary(path)
+    mode = stat.S_IMODE(os.stat(temporary).st_mode)  # 0666 & ~umask, as the kernel applied it
     try:
         yield Path(temporary)
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -39,6 +43,22 @@ def _create_temporary(path: Path) -> str:
         os.close(handle)
         return str(temporary)
     raise FileExistsError(f"could not create a temporary file beside {path}; remove stale .{path.name}.* files")
+
+
+def honour_umask(directory: str | os.PathLike) -> Path:
+    """Give every file under ``directory`` mode 0666 & ~umask (folders 0777 & ~umask), as ``open()`` and
+    ``mkdir`` would: for trees written by others' savers (``save_pretrained``), which may make private files."""
+    directory = Path(directory)
+    probe = directory / f".mode-probe-{uuid.uuid4().hex[:12]}"
+    os.mkdir(probe, 0o777)  # the kernel filters it by the umask: read the umask without setting it
+    folder_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    os.rmdir(probe)
+    file_mode = folder_mode & 0o666
+    for root, folders, files in os.walk(directory):
+        os.chmod(root, folder_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+    return directory
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

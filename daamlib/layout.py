@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 UpsampleMode = Literal["bilinear", "bicubic"]
 UPSAMPLE_MODES = ("bilinear", "bicubic")
+NATIVE = "native"  # the methods' choice of no resizing: maps at the attention's own grid
 
 
 def check_upsample_mode(mode: str) -> None:

@@ -113,7 +113,7 @@ def record_everything(pipe, run, text_length=None):
         name = key[: -len(".processor")]
         if type(unet.get_submodule(name)).__name__ == "FluxAttention":
             processors[key] = StoreFlux(name, proc, calls, text_length)
-        elif name.endswith("attn2"):
+        elif name.endswith("attn2") and unet.get_submodule(name).is_cross_attention:  # SD3.5's attn2 is self-attention
             processors[key] = StoreEverything(name, proc, calls)
         elif getattr(unet.get_submodule(name), "add_k_proj", None) is not None:  # SD3 joint attention
             processors[key] = StoreJoint(name, proc, calls)
@@ -151,6 +151,12 @@ def naive_daam(calls, row, token, latent, mode="bilinear", keep=lambda call, ste
         for head in range(probs.shape[0]):
             total += up(probs[head, :, token].reshape(h, w), latent, mode)
     return total
+
+
+def naive_text_share(calls, layer, row, keep=lambda call, step: True):
+    """[hw]: what each image query gives to all text keys, summed over the layer's kept calls and heads."""
+    return sum(call["probs"][row].sum(-1).sum(0) for call, step in zip(calls, _steps(calls))
+               if call["layer"] == layer and keep(call, step))
 
 
 def naive_linear(calls, row, x, latent, mode="bilinear"):

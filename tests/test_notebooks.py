@@ -1,6 +1,8 @@
 """Every notebook runs headlessly with the toy-smoke preset, and the numbers it records check out."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -14,9 +16,24 @@ from daamlab.runs import NotebookFailed, load_preset, run_preset
 pytest.importorskip("papermill")
 
 
+RUN_UMASK = 0o002  # neither the usual 022 nor the 0600 that a private writer would give
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    return run_preset("toy-smoke", tmp_path_factory.mktemp("toy-smoke"), progress=False)
+    previous = os.umask(RUN_UMASK)  # the kernels inherit it
+    try:
+        return run_preset("toy-smoke", tmp_path_factory.mktemp("toy-smoke"), progress=False)
+    finally:
+        os.umask(previous)
+
+
+def test_every_file_of_the_run_honours_the_umask(run_dir):
+    """Executed notebooks, report, results, figures, dataset, records and tokens: 0664 files, 0775 folders."""
+    wrong = {str(path.relative_to(run_dir)): oct(stat.S_IMODE(path.stat().st_mode)) for path in run_dir.rglob("*")
+             if stat.S_IMODE(path.stat().st_mode) != (0o777 if path.is_dir() else 0o666) & ~RUN_UMASK}
+    assert wrong == {}
+    assert any(path.suffix == ".safetensors" for path in run_dir.rglob("*"))
 
 
 def results(run_dir, notebook):

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
+from daamlib.io import save_safetensors
 from daamlib.metrics import pooled_iou
+from daamlab.io import write_json
 from daamlab.toyworld import labels as L
 
 LABEL_IDS = tuple(sorted(L.NAMES))  # network output channel c predicts train id LABEL_IDS[c]
@@ -117,8 +119,8 @@ class Annotator:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().to("cpu", torch.float16).contiguous() for name, tensor in self.net.state_dict().items()}
-        save_file(state, directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps({"channels": list(self.net.channels), "label_ids": list(LABEL_IDS)}))
+        save_safetensors(state, directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, {"channels": list(self.net.channels), "label_ids": list(LABEL_IDS)})
 
     @torch.no_grad()
     def __call__(self, images, batch_size: int = 64) -> np.ndarray:

@@ -34,8 +34,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from daamlib.io import save_safetensors
-from daamlab.io import write_json
+from daamlib.io import honour_umask, save_safetensors
+from daamlab.io import save_pretrained, write_json
 from daamlab import data_dir
 from daamlib.models import default_device, toy_model_dir
 from daamlab.toyworld.annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou
@@ -249,7 +249,7 @@ def train_vae(config: TrainConfig) -> AutoencoderKL:
     vae.eval()
     latents = _encode(vae, scenes.images[: 512], config.device)[0]
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    vae.to("cpu").save_pretrained(config.vae_dir)
+    save_pretrained(vae.to("cpu"), config.vae_dir)
     write_json(config.work_dir / "vae_report.json", {"steps": stage.step, "seconds": stage.seconds,
                                                       "final_loss": float(np.mean(stage.losses[-50:])),
                                                       "scaling_factor": vae.config.scaling_factor})
@@ -320,14 +320,18 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
 
 def reuse_components(config: TrainConfig, source: Path) -> None:
     """Copy a trained pipeline's VAE (as float32) and annotator, with their training reports, into the
-    work directory, so that the vae and annotator stages are skipped."""
+    work directory, so that the vae and annotator stages are skipped; with ``frozen_text_encoder``, its
+    contrastively pre-trained text encoder too (so the UNet can be trained further on the shipped encoder)."""
     reports = json.loads((Path(source) / "training.json").read_text())["reports"]
     if not (config.vae_dir / "config.json").exists():
-        AutoencoderKL.from_pretrained(Path(source) / "vae").float().save_pretrained(config.vae_dir)
+        save_pretrained(AutoencoderKL.from_pretrained(Path(source) / "vae").float(), config.vae_dir)
         write_json(config.work_dir / "vae_report.json", {**reports["vae"], "reused_from": str(source)})
     if not (config.work_dir / "annotator").exists():
         shutil.copytree(Path(source) / "annotator", config.work_dir / "annotator")
         write_json(config.work_dir / "annotator_report.json", {**reports["annotator"], "reused_from": str(source)})
+    if config.frozen_text_encoder and not (config.text_encoder_dir / "config.json").exists() and "textenc" in reports:
+        save_pretrained(CLIPTextModel.from_pretrained(Path(source) / "text_encoder").float(), config.text_encoder_dir)
+        write_json(config.work_dir / "textenc_report.json", {**reports["textenc"], "reused_from": str(source)})
 
 
 def _captions_of_batch(scenes: SceneSet, indices: torch.Tensor, flips: torch.Tensor, spatial_share: float,
@@ -388,7 +392,7 @@ def train_textenc(config: TrainConfig) -> dict:
     stage.run(step_fn)
     text_encoder.eval()
     cosines = embedding_cosines(text_encoder, tokenizer)
-    text_encoder.to("cpu").save_pretrained(config.text_encoder_dir)
+    save_pretrained(text_encoder.to("cpu"), config.text_encoder_dir)
     report = {"steps": stage.step, "seconds": stage.seconds, "final_loss": float(np.mean(stage.losses[-50:])),
               "batch_size": config.textenc_batch_size,
               "cosine": {name: value for name, value in cosines.items() if name != "matrix"}}
@@ -493,9 +497,10 @@ def export_pipeline(config: TrainConfig, models: torch.nn.ModuleDict, vae: Autoe
     output = Path(config.output_dir)
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    pipe.save_pretrained(staging, safe_serialization=True)
+    save_pretrained(pipe, staging, safe_serialization=True)
     if (config.work_dir / "annotator").exists():
         shutil.copytree(config.work_dir / "annotator", staging / "annotator")
+    honour_umask(staging)  # the annotator's files as copied
     reports = {name: json.loads((config.work_dir / f"{name}_report.json").read_text())
                for name in ("vae", "annotator") if (config.work_dir / f"{name}_report.json").exists()}
     for name in ("textenc",):
@@ -550,7 +555,7 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
     parser.add_argument("--spatial-caption-share", type=float, default=defaults.spatial_caption_share)
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
-    parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator of this pipeline")
+    parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator (and, with --frozen-text-encoder, the text encoder) of this pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     if args.threads:

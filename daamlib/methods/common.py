@@ -10,7 +10,7 @@ from typing import Iterable, Sequence
 import torch
 
 from ..record import LayerMeta, Record
-from ..layout import resize, unflatten_positions
+from ..layout import NATIVE, UPSAMPLE_MODES, resize, unflatten_positions
 from ..selection import layer_names, step_indices
 
 
@@ -44,9 +44,21 @@ def chosen_layers(record: Record, layers: Sequence[str] | None, available: Itera
 def sum_upsampled(
     per_layer: dict[str, torch.Tensor], layers: list[LayerMeta], latent_size: tuple[int, int], upsample: str
 ) -> torch.Tensor:
-    """sum_l up(maps_l): maps_l is [hw_l, k] at the layer's resolution; returns [k, H, W]."""
+    """sum_l up(maps_l): maps_l is [hw_l, k] at the layer's resolution; returns [k, H, W] at ``latent_size``.
+
+    ``upsample="native"`` sums the maps where the attention computed them, with no interpolation: [k, h, w] at the
+    one grid every selected layer shares (a DiT's patch grid, or one UNet resolution chosen with ``layers=``)."""
     if not layers:
         raise ValueError("no layer to aggregate; choose at least one recorded layer")
+    if upsample == NATIVE:
+        grids = sorted({tuple(layer.resolution) for layer in layers})
+        if len(grids) > 1:
+            raise ValueError(
+                f"upsample='native' keeps each map at its attention's own grid, but the selected layers have "
+                f"{len(grids)} grids {grids}; choose layers of one grid with layers=[...], or resize them to the "
+                f"latent with upsample in {UPSAMPLE_MODES}"
+            )
+        return sum(unflatten_positions(per_layer[layer.name], layer.resolution) for layer in layers)  # [k, h, w]
     return sum(resize(unflatten_positions(per_layer[layer.name], layer.resolution), latent_size, upsample)  # [k, h_l, w_l]
                for layer in layers)
 
