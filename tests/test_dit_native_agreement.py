@@ -151,6 +151,12 @@ CONFIGS = {
 CASES = [(family, config) for family, configs in CONFIGS.items() for config in configs]
 
 
+def layer_order(name: str) -> tuple:
+    """Module order: double-stream before single-stream blocks, then by block index."""
+    block, index = name.split(".")[:2]
+    return block.startswith("single"), int(index)
+
+
 def naive_native(calls, layer, row, tokens, grid, calls_per_step, parity):
     """sum over the layer's calls of this branch and over heads of A[:, tokens].mean(tokens), at the patch grid."""
     kept = [call for call in calls if call["layer"] == layer]
@@ -181,6 +187,7 @@ def test_native_daam_equals_the_models_attention_on_every_layer(family, config):
     else:
         words = WORDS
     assert record.num_steps == STEPS
+    assert [layer.name for layer in record.cross_layers] == sorted({call["layer"] for call in calls}, key=layer_order)
     worst = 0.0
     for layer in record.cross_layers:
         for word in words:
