@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from daamlib.io import atomic_path, honour_umask, write_text
+from daamlib.io import atomic_path, write_text
 
 
 def write_json(path: str | os.PathLike, payload, indent: int = 1) -> Path:
@@ -38,3 +40,19 @@ def save_pretrained(model, directory: str | os.PathLike, **kwargs) -> Path:
     file it wrote given mode 0666 & ~umask: their safetensors writer may make private (0600) files."""
     model.save_pretrained(directory, **kwargs)
     return honour_umask(directory)
+
+
+def honour_umask(directory: str | os.PathLike) -> Path:
+    """Give every file under ``directory`` mode 0666 & ~umask (folders 0777 & ~umask), as ``open()`` and
+    ``mkdir`` would: for trees written by others' savers (``save_pretrained``), which may make private files."""
+    directory = Path(directory)
+    probe = directory / f".mode-probe-{uuid.uuid4().hex[:12]}"
+    os.mkdir(probe, 0o777)  # the kernel filters it by the umask: read the umask without setting it
+    folder_mode = stat.S_IMODE(os.stat(probe).st_mode)
+    os.rmdir(probe)
+    file_mode = folder_mode & 0o666
+    for root, folders, files in os.walk(directory):
+        os.chmod(root, folder_mode)
+        for name in files:
+            os.chmod(os.path.join(root, name), file_mode)
+    return directory

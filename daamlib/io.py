@@ -16,9 +16,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` (same suffix) to write to; it replaces ``path`` when the
     ``with`` block succeeds and is removed when it fails.
 
-    The final file has mode 0666 filtered by the process umask, as ``open()`` gives: the temporary file
-    is created so (``tempfile.mkstemp`` would give 0600), and set so again after the writer ran, since
-    some writers (safetensors >= 0.8 among them) write a private file of their own and move it there."""
+    The final file has mode 0666 & ~umask, as ``open()`` gives, even where the writer moved a private file of
+    its own to the temporary name (safetensors >= 0.8 does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _create_temporary(path)
@@ -34,31 +33,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def _create_temporary(path: Path) -> str:
     """Create an empty, new file beside ``path`` (same suffix) with mode 0666 & ~umask; returns its name."""
-    for _ in range(100):
-        temporary = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{path.suffix}"
-        try:
-            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(handle)
-        return str(temporary)
-    raise FileExistsError(f"could not create a temporary file beside {path}; remove stale .{path.name}.* files")
-
-
-def honour_umask(directory: str | os.PathLike) -> Path:
-    """Give every file under ``directory`` mode 0666 & ~umask (folders 0777 & ~umask), as ``open()`` and
-    ``mkdir`` would: for trees written by others' savers (``save_pretrained``), which may make private files."""
-    directory = Path(directory)
-    probe = directory / f".mode-probe-{uuid.uuid4().hex[:12]}"
-    os.mkdir(probe, 0o777)  # the kernel filters it by the umask: read the umask without setting it
-    folder_mode = stat.S_IMODE(os.stat(probe).st_mode)
-    os.rmdir(probe)
-    file_mode = folder_mode & 0o666
-    for root, folders, files in os.walk(directory):
-        os.chmod(root, folder_mode)
-        for name in files:
-            os.chmod(os.path.join(root, name), file_mode)
-    return directory
+    temporary = str(path.parent / f".{path.name}.{uuid.uuid4().hex}{path.suffix}")  # 122 random bits: no collision
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temporary
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -105,13 +105,16 @@ class StoreFlux:
 def record_everything(pipe, run, text_length=None):
     """Run ``run()`` with StoreEverything on every cross-attention layer (StoreJoint on SD3's joint attention,
     StoreFlux on Flux's, which needs the ``text_length`` of its single-stream blocks); return the calls."""
+    from diffusers import FluxTransformer2DModel
+
     unet = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    flux = isinstance(unet, FluxTransformer2DModel)
     originals = unet.attn_processors
     calls = []
     processors = {}
     for key, proc in originals.items():
         name = key[: -len(".processor")]
-        if type(unet.get_submodule(name)).__name__ == "FluxAttention":
+        if flux:  # every attention of a Flux transformer is over [text, image]
             processors[key] = StoreFlux(name, proc, calls, text_length)
         elif name.endswith("attn2") and unet.get_submodule(name).is_cross_attention:  # SD3.5's attn2 is self-attention
             processors[key] = StoreEverything(name, proc, calls)

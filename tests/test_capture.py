@@ -74,7 +74,7 @@ def test_unconditional_branch_is_traced_on_request(pipe):
     with daamlib.trace(pipe, branch="uncond") as tr:
         run(pipe, steps=2)
     (record,) = tr.records
-    assert torch.allclose(record.text_embeddings, pipe.encode_prompt("", "cpu", 1, False)[0][0], atol=1e-6)
+    assert torch.allclose(record.text_embeddings, pipe.encode_prompt("", pipe.device, 1, False)[0][0].cpu(), atol=1e-6)
 
 
 def test_processors_are_restored_after_an_exception_mid_generation(pipe):

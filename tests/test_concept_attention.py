@@ -72,7 +72,7 @@ def test_concept_maps_equal_the_masked_joint_sequence(sd3, traced):
     calls, outputs = run_with_concepts(sd3.transformer, inputs, naive_concept_vectors(sd3, CONCEPTS))
     for call_inputs, output in zip(inputs, outputs):  # the masked concepts change nothing the image reads
         plain = sd3.transformer(**{**call_inputs, "return_dict": False})[0]
-        assert torch.allclose(output, plain, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(output, plain, rtol=1e-4, atol=1e-5)
     assert [call["layer"] for call in calls] == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"] * 2
     for variant in ("output", "cross"):
         naive = naive_concept_maps(calls, row=1, latent=LATENT, variant=variant)  # row 1: the prompt's half of CFG
@@ -163,7 +163,7 @@ def test_flux_concept_maps_equal_the_masked_joint_sequence(flux):
     assert sorted(record.concept_output) == ["transformer_blocks.0.attn", "transformer_blocks.1.attn"]  # double-stream
     calls, outputs = run_flux_with_concepts(flux.transformer, inputs, naive_concept_vectors(flux, CONCEPTS, flux=True))
     for call_inputs, output in zip(inputs, outputs):  # the masked concepts change nothing the image reads
-        assert torch.allclose(output, flux.transformer(**{**call_inputs, "return_dict": False})[0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(output, flux.transformer(**{**call_inputs, "return_dict": False})[0], rtol=1e-4, atol=1e-5)
     assert len(calls) == 4  # 2 double-stream blocks x 2 steps
     for variant in ("output", "cross"):
         naive = naive_concept_maps(calls, row=0, latent=LATENT, variant=variant)

@@ -1,6 +1,7 @@
 """daamlab.testing.dit: tiny random DiT pipelines (PixArt-α, SD3, Flux), their T5 tokenizer, sharper
 attention, and the published transformers on the meta device."""
 
+import json
 import math
 from functools import partial
 
@@ -74,6 +75,17 @@ def test_t5_tokenizer_marks_word_starts_and_appends_eos():
     assert padded.input_ids[0][len(ids):] == [0] * (T5_MAX_LENGTH - len(ids))
     assert sum(padded.attention_mask[0]) == len(ids)
     assert build_t5_tokenizer(8)("a car", padding="max_length").input_ids == ids[:3] + [1] + [0] * 4
+
+
+def test_the_frozen_t5_vocabulary_is_what_the_trainer_learns():
+    """The tokenizer is built from t5_pieces.json, since the trainer orders two close pieces at random run to
+    run; retraining must still give the same pieces, with scores that differ by no more than that noise."""
+    from daamlab.testing.dit import T5_PIECES_FILE, train_t5_pieces
+
+    frozen = {piece: score for piece, score in json.loads(T5_PIECES_FILE.read_text(encoding="utf-8"))}
+    trained = dict(train_t5_pieces())
+    assert set(trained) == set(frozen)
+    assert max(abs(trained[piece] - frozen[piece]) for piece in frozen) < 1e-3
 
 
 # -- generation -------------------------------------------------------------------------------------
@@ -181,7 +193,7 @@ def test_sharpening_lowers_attention_entropy(kind, layer):
         calls = attention_inputs(attn, partial(generate, pipe, kind, num_inference_steps=1, guidance_scale=1.0))
         with torch.no_grad():
             entropies.append(relative_entropy(attn, *calls[0]))
-    assert entropies[0] > 0.9 and entropies[1] < 0.6, entropies
+    assert entropies[0] > 0.8 and entropies[1] < entropies[0] - 0.3, entropies  # near uniform, then peaked
 
 
 def test_sharpen_scales_projections_or_the_qk_norms_that_would_undo_it():

@@ -119,7 +119,7 @@ def test_datagen_shards_and_their_exports_honour_the_umask(tmp_path, pipe, mask)
 
 def test_the_umask_is_read_not_assumed(tmp_path):
     """The 0600 that safetensors gives is undone even where it would be the right answer for another umask."""
-    from daamlib.io import honour_umask
+    from daamlab.io import honour_umask
 
     with umask(0o027):
         (tmp_path / "tree" / "inner").mkdir(parents=True)

@@ -223,7 +223,7 @@ def test_record_save_and_load_name_wrong_kinds(pipe, tmp_path):
 
 def test_linear_takes_one_finite_vector(pipe):
     (record,) = daamlib.generate(pipe, PROMPT, seed=0, num_inference_steps=2, linear=True)
-    vector = torch.randn(32)
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(daamlib.linear(record, vector[None]), daamlib.linear(record, vector))
     with pytest.raises(ValueError, match="for several vectors use linear_maps"):
         daamlib.linear(record, torch.randn(2, 16))  # was: flattened into one vector

@@ -70,7 +70,7 @@ def test_free_text_methods_and_record_switch(records, pipe):
 
 
 def test_optimized_tokens_and_clear_errors(records, pipe):
-    vector = torch.randn(1, records[0].linear_matrix.shape[1])
+    vector = torch.randn(1, records[0].linear_matrix.shape[1], generator=torch.Generator().manual_seed(0))
     tokens = {"random": OptimizedTokens(vectors=vector, variant="linear", loss="ce", names=["x"], model_id=None)}
     browser = HeatmapBrowser(records, pipe=pipe, tokens=tokens)
     browser.method.value = "optimized"

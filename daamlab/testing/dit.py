@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -92,6 +93,9 @@ def caption_corpus() -> list[str]:
     return lines + list(_EXTRA)
 
 
+T5_PIECES_FILE = Path(__file__).with_name("t5_pieces.json")  # the frozen vocabulary: [[piece, score], ...]
+
+
 def _canonical_pieces(backend) -> list[tuple[str, float]]:
     """The trained pieces with scores rounded and ties ordered by name: the trainer's multithreaded EM
     leaves float noise (~1e-11) and orders equal-score pieces (rare characters) at random, run to run."""
@@ -101,27 +105,50 @@ def _canonical_pieces(backend) -> list[tuple[str, float]]:
     return [tuple(p) for p in specials] + rounded
 
 
-@lru_cache(maxsize=1)
-def _trained_t5_backend():
-    """The ``tokenizers.Tokenizer`` behind ``build_t5_tokenizer``, trained once per process (~50 ms)."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+def _t5_backend(pieces: list[tuple[str, float]] | None = None):
+    """A ``tokenizers.Tokenizer`` with T5's normaliser, pre-tokenizer, decoder and ``</s>`` appended, over
+    ``pieces`` (Unigram; None: an untrained model, for training)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
 
-    backend = Tokenizer(Unigram())
+    backend = Tokenizer(Unigram() if pieces is None else
+                        Unigram([tuple(p) for p in pieces], unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False))
     # T5's SentencePiece normaliser (nmt_nfkc, extra whitespace removed), case kept.
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " "),
                                                normalizers.Strip()])
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    if pieces is not None:
+        eos = backend.token_to_id("</s>")
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                               special_tokens=[("</s>", eos)])
+    return backend
+
+
+def train_t5_pieces() -> list[tuple[str, float]]:
+    """Train the Unigram vocabulary on :func:`caption_corpus` (~50 ms). The trainer is not deterministic run to
+    run (Rust hash-map order: two pieces with close scores, e.g. '1' and 'v', swap in about half of the runs),
+    so the tokenizer is built from the frozen copy in ``t5_pieces.json``; regenerate it with
+    ``python -c "from daamlab.testing.dit import write_t5_pieces; write_t5_pieces()"``."""
+    from tokenizers import trainers
+
+    backend = _t5_backend()
     trainer = trainers.UnigramTrainer(vocab_size=T5_VOCAB_SIZE, special_tokens=list(T5_SPECIALS), unk_token="<unk>",
                                       show_progress=False)
     backend.train_from_iterator(caption_corpus(), trainer=trainer)
-    backend.model = Unigram(_canonical_pieces(backend), unk_id=T5_SPECIALS.index("<unk>"), byte_fallback=False)
-    eos = backend.token_to_id("</s>")
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                           special_tokens=[("</s>", eos)])
-    return backend
+    return _canonical_pieces(backend)
+
+
+def write_t5_pieces(path: Path = T5_PIECES_FILE) -> Path:
+    path.write_text(json.dumps([list(p) for p in train_t5_pieces()], ensure_ascii=False, indent=0) + "\n")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _trained_t5_backend():
+    """The ``tokenizers.Tokenizer`` behind ``build_t5_tokenizer``, over the frozen vocabulary."""
+    return _t5_backend(json.loads(T5_PIECES_FILE.read_text(encoding="utf-8")))
 
 
 def build_t5_tokenizer(max_length: int = T5_MAX_LENGTH) -> T5TokenizerFast:

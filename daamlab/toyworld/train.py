@@ -34,8 +34,8 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
-from daamlib.io import honour_umask, save_safetensors
-from daamlab.io import save_pretrained, write_json
+from daamlib.io import save_safetensors
+from daamlab.io import honour_umask, save_pretrained, write_json
 from daamlab import data_dir
 from daamlib.models import default_device, toy_model_dir
 from daamlab.toyworld.annotator import LABEL_IDS, Annotator, SegmentationNet, dataset_iou

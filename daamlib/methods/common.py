@@ -50,14 +50,11 @@ def sum_upsampled(
     one grid every selected layer shares (a DiT's patch grid, or one UNet resolution chosen with ``layers=``)."""
     if not layers:
         raise ValueError("no layer to aggregate; choose at least one recorded layer")
-    if upsample == NATIVE:
+    if upsample == NATIVE:  # no interpolation: the one grid all selected layers share
         grids = sorted({tuple(layer.resolution) for layer in layers})
         if len(grids) > 1:
-            raise ValueError(
-                f"upsample='native' keeps each map at its attention's own grid, but the selected layers have "
-                f"{len(grids)} grids {grids}; choose layers of one grid with layers=[...], or resize them to the "
-                f"latent with upsample in {UPSAMPLE_MODES}"
-            )
+            raise ValueError(f"upsample='native' needs layers of one grid; the selected ones have {grids}: choose them "
+                             f"with layers=[...], or resize to the latent with upsample in {UPSAMPLE_MODES}")
         return sum(unflatten_positions(per_layer[layer.name], layer.resolution) for layer in layers)  # [k, h, w]
     return sum(resize(unflatten_positions(per_layer[layer.name], layer.resolution), latent_size, upsample)  # [k, h_l, w_l]
                for layer in layers)

@@ -33,11 +33,8 @@ def daam(
     averages its tokens' maps. ``layers`` / ``steps`` restrict the sum (None = all; an empty list
     is an error, not a zero map).
 
-    ``mode="thesis"``: D_k = sum over steps, layers, heads of up(A[:, k]); ``upsample`` is
-    "bilinear" (default) or "bicubic" to the latent size, or "native": no interpolation, the map at the
-    attention's own grid [h, w] (a DiT's patch grid; on a UNet, choose the ``layers`` of one resolution).
-    The default resizes because a UNet's layers sit at several resolutions and the thesis sums them at the
-    latent's; on a DiT every layer shares one grid and "native" is the model's attention itself.
+    ``mode="thesis"``: D_k = sum over steps, layers, heads of up(A[:, k]); ``upsample`` is "bilinear" (default)
+    or "bicubic" to the latent size, or "native": the sum at the grid the layers share, uninterpolated [h, w].
 
     ``mode="daam-0.2"`` reproduces the ``daam`` 0.2.0 package: per (layer, head) time-summed maps,
     bicubic upsampling, clamp >= 0, mean over (layer, head); needs ``trace(per_head=True)``. It
