@@ -148,3 +148,19 @@ def test_vector_contexts_in_a_rerun_equal_openvocab_maps_from_the_query_cache(pi
     assert torch.allclose(daamlib.openvocab(rerun, "optimized"), expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match=r"vectors \[m, 32\] \(the model.s conditioning size\)"):
         generate(pipe, contexts={"bad": torch.randn(32)})
+
+
+def test_native_maps_sum_one_grid_without_interpolation(pipe):
+    """upsample="native" on a UNet: the layers of one resolution summed as stored; mixed grids are refused."""
+    calls, record = generate(pipe, per_head=False)
+    token = record.tokens.token_indices("car")[0]
+    with pytest.raises(ValueError, match="needs layers of one grid"):
+        daamlib.daam(record, "car", upsample="native")
+    resolutions = {layer.resolution for layer in record.cross_layers}
+    assert len(resolutions) > 1
+    for resolution in resolutions:
+        layers = [layer.name for layer in record.cross_layers if layer.resolution == resolution]
+        native = daamlib.daam(record, "car", layers=layers, upsample="native")
+        expected = sum(call["probs"][1][:, :, token].sum(0) for call in calls if call["layer"] in layers)  # [hw]
+        assert native.shape == resolution
+        assert torch.allclose(native, expected.reshape(resolution), rtol=1e-4, atol=1e-5 * expected.max())
