@@ -64,3 +64,53 @@ def test_captions_only_name_things_present():
 def test_unknown_class():
     with pytest.raises(ValueError, match="unknown class"):
         render_scene("bus", 0)
+
+
+def test_variety_zero_renders_the_same_scene_and_full_variety_leaves_things_out():
+    """variety 0 is the default scene; at variety 1 every background thing that may go is gone, and each
+    scene keeps one of building/sky and one of road/sidewalk (the two pairs share their part of the image)."""
+    from daamlab.toyworld.render import BACKGROUND_THINGS
+
+    words_to_labels = {"building": L.BUILDING, "sidewalk": L.SIDEWALK, "road": L.ROAD, "tree": L.VEGETATION, "sky": L.SKY}
+    assert set(BACKGROUND_THINGS) == set(words_to_labels)
+    assert np.array_equal(render_scene("car", 3, variety=0.0).labels, render_scene("car", 3).labels)
+    for seed in SEEDS:
+        labels = render_scene(L.MAIN_CLASSES[seed % 4], seed, variety=1.0).labels
+        present = {word for word, label in words_to_labels.items() if (labels == label).any()}
+        assert "tree" not in present
+        assert len(present & {"building", "sky"}) == 1 and len(present & {"road", "sidewalk"}) == 1, present
+    with pytest.raises(ValueError, match="variety must lie in"):
+        render_scene("car", 0, variety=1.5)
+
+
+def test_varied_scenes_vary_each_background_thing():
+    from daamlab.toyworld.dataset import render_scene_set
+
+    scenes = render_scene_set(80, 64, variety=0.3, progress=False)
+    for label in (L.BUILDING, L.SIDEWALK, L.ROAD, L.VEGETATION, L.SKY):
+        share = np.mean([(labels == label).sum() >= 20 for labels in scenes.labels])
+        assert 0.3 < share < 0.95, (L.NAMES[label], share)
+
+
+def test_background_captions_name_present_things_and_absent_ones_with_no():
+    """Every background word in a caption of a varied scene is there when named plainly and has fewer
+    than 20 pixels when named with "no"; spatial captions follow the same rule."""
+    import re
+
+    from daamlab.toyworld.captions import BACKGROUND_WORDS, spatial_caption
+
+    seen = {"present": 0, "absent": 0}
+    for seed in SEEDS:
+        scene = render_scene(L.MAIN_CLASSES[seed % 4], seed, variety=0.4)
+        texts = [caption(scene, seed * 3 + k, name_background=True) for k in range(3)]
+        texts.append(spatial_caption(scene.labels, scene.main_class, np.random.default_rng(seed), name_absent=1.0))
+        for text in texts:
+            for label, word in BACKGROUND_WORDS.items():
+                pixels = (scene.labels == label).sum()
+                if re.search(rf"\bno {word}\b", text):
+                    seen["absent"] += 1
+                    assert pixels < 20, (text, word, pixels)
+                elif re.search(rf"\b{word}\b", text):
+                    seen["present"] += 1
+                    assert pixels >= 20, (text, word, pixels)
+    assert seen["present"] > 20 and seen["absent"] > 20, seen

@@ -72,6 +72,26 @@ def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
         torch.testing.assert_close(resumed["modules"]["vae"][name], tensor, rtol=0, atol=0)
 
 
+def test_a_varied_run_retrains_the_text_encoder_it_reuses_nothing_else_of(tmp_path):
+    """--reuse-from with --frozen-text-encoder and a textenc stage: VAE and annotator are copied, the text
+    encoder is trained anew on the varied scenes (not the source's), and the export records the variety."""
+    import json
+
+    from transformers import CLIPTextModel
+
+    source = tiny_config(tmp_path / "source", textenc_steps=2, textenc_batch_size=4, frozen_text_encoder=True)
+    T.train(source)
+    varied = tiny_config(tmp_path / "varied", textenc_steps=2, textenc_batch_size=4, frozen_text_encoder=True, scene_variety=0.5, seed=1,
+                         unet_init=source.output_dir)
+    T.train(varied, stages=("data", "textenc", "unet"), reuse_from=source.output_dir)
+    assert json.loads((varied.work_dir / "vae_report.json").read_text())["reused_from"] == str(source.output_dir)
+    assert "reused_from" not in json.loads((varied.work_dir / "textenc_report.json").read_text())
+    old = CLIPTextModel.from_pretrained(source.output_dir / "text_encoder").state_dict()
+    new = CLIPTextModel.from_pretrained(varied.output_dir / "text_encoder").state_dict()
+    assert any(not torch.equal(old[name].float(), new[name].float()) for name in old)
+    assert json.loads((varied.output_dir / "training.json").read_text())["config"]["scene_variety"] == 0.5
+
+
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown stages"):
         T.train(tiny_config(tmp_path), stages=("vae", "decoder"))

@@ -29,9 +29,38 @@ def thesis_prompt(class_name: str) -> str:
     return THESIS_TEMPLATE.format(object=class_name)
 
 
-def caption(scene: Scene, seed: int) -> str:
-    """A seeded caption for ``scene``: a paraphrase of the thesis prompt, or one naming another thing."""
+# The background things a varied scene may leave out (``render.BACKGROUND_THINGS``), by label.
+BACKGROUND_WORDS = {L.BUILDING: "building", L.SIDEWALK: "sidewalk", L.ROAD: "road", L.VEGETATION: "tree", L.SKY: "sky"}
+_ARTICLE = {"building": "a building", "tree": "a tree", "sidewalk": "the sidewalk", "road": "the road", "sky": "the sky"}
+
+
+def background_phrases(labels: np.ndarray, rng: np.random.Generator, name_present: float = 0.5,
+                       name_absent: float = 0.7) -> list[str]:
+    """Phrases for the background things, each present one ("a tree") named with probability ``name_present``
+    and each absent one ("no tree") with ``name_absent``; the singular word in both, so that an absent
+    thing is named by the same token as a present one (labels uint8 [S, S])."""
+    phrases = []
+    for label, word in BACKGROUND_WORDS.items():
+        present = (labels == label).sum() >= _MIN_PIXELS
+        if rng.random() < (name_present if present else name_absent):
+            phrases.append(_ARTICLE[word] if present else f"no {word}")
+    return [phrases[i] for i in rng.permutation(len(phrases))]
+
+
+def caption(scene: Scene, seed: int, name_background: bool = False) -> str:
+    """A seeded caption for ``scene``: a paraphrase of the thesis prompt, or one naming another thing;
+    with ``name_background``, two in three captions go on to say which background things are there and
+    which are not ("... with a tree and no building"), for scenes that vary them."""
     rng = np.random.default_rng([seed, 7])
+    text = _object_caption(scene, rng)
+    if name_background and rng.random() < 2 / 3:
+        phrases = [phrase for phrase in background_phrases(scene.labels, rng) if phrase.split()[-1] not in text.split()]
+        if phrases:
+            text += " with " + " and ".join(phrases)
+    return text
+
+
+def _object_caption(scene: Scene, rng: np.random.Generator) -> str:
     others = [
         word
         for label, word in L.CAPTION_WORDS.items()
@@ -55,9 +84,11 @@ def _side(mask: np.ndarray) -> str:
     return "on the left" if column < 0.38 else "on the right" if column > 0.62 else "in the middle"
 
 
-def spatial_caption(labels: np.ndarray, main_class: str, rng: np.random.Generator, max_others: int = 2) -> str:
+def spatial_caption(labels: np.ndarray, main_class: str, rng: np.random.Generator, max_others: int = 2,
+                    name_absent: float = 0.0) -> str:
     """A caption naming the main object and up to ``max_others`` other things with where they are,
-    e.g. "a car on the left and a tree on the right" (labels uint8 [S, S], as the image is shown)."""
+    e.g. "a car on the left and a tree on the right" (labels uint8 [S, S], as the image is shown); each
+    background thing the scene lacks is added ("and no sky") with probability ``name_absent``."""
     main_label = L.IDS[main_class]
     phrases = []
     if (labels == main_label).any():
@@ -72,4 +103,6 @@ def spatial_caption(labels: np.ndarray, main_class: str, rng: np.random.Generato
         others.append(f"a {word} {_side(mask)}" if label in _SPATIAL_WORDS else f"the {word}")
     for index in rng.permutation(len(others))[: rng.integers(0, max_others + 1)]:
         phrases.append(others[index])
+    if name_absent:
+        phrases += background_phrases(labels, rng, name_present=0.0, name_absent=name_absent)
     return " and ".join(phrases)

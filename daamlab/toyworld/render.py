@@ -86,16 +86,31 @@ def _vivid(rng: np.random.Generator):
 
 
 # -- background ---------------------------------------------------------------------------------
-def _background(canvas: Canvas, rng: np.random.Generator, horizon: float, curb: float) -> None:
+BACKGROUND_THINGS = ("building", "sidewalk", "road", "tree", "sky")  # what a varied scene may leave out
+
+
+def _left_out(rng: np.random.Generator, variety: float) -> frozenset[str]:
+    """The background things a scene leaves out, each with probability ``variety``; a scene keeps at least
+    one of building and sky (they share the upper half) and one of road and sidewalk (the ground)."""
+    left_out = {thing for thing in BACKGROUND_THINGS if rng.random() < variety}
+    for pair in (("building", "sky"), ("road", "sidewalk")):
+        if set(pair) <= left_out:
+            left_out.discard(pair[rng.integers(2)])
+    return frozenset(left_out)
+
+
+def _background(canvas: Canvas, rng: np.random.Generator, horizon: float, curb: float,
+                left_out: frozenset[str] = frozenset()) -> None:
     S = canvas.size
     sky_top, sky_bottom = _color(rng, (90, 150, 225), 25), _color(rng, (185, 210, 240), 20)
-    for row in range(int(horizon) + 1):
-        t = row / max(horizon, 1)
+    sky_end = curb if "building" in left_out else horizon  # no buildings: open sky down to the curb
+    for row in range(int(sky_end) + 1):
+        t = row / max(sky_end, 1)
         canvas.rectangle(row, 0, row, S - 1, sky_top * (1 - t) + sky_bottom * t, L.SKY)
     x = -rng.uniform(0, 10)
-    while x < S:
+    while x < S and "building" not in left_out:
         width = rng.uniform(0.15, 0.35) * S
-        height = rng.uniform(0.15, 0.45) * S
+        height = horizon + 1 if "sky" in left_out else rng.uniform(0.15, 0.45) * S  # no sky: walls to the top
         wall = _color(rng, rng.choice([(150, 120, 100), (170, 170, 165), (120, 110, 130), (190, 160, 120)]), 20)
         canvas.rectangle(horizon - height, x, curb, x + width, wall, L.BUILDING)
         window = _color(rng, (60, 80, 110), 15)
@@ -103,11 +118,12 @@ def _background(canvas: Canvas, rng: np.random.Generator, horizon: float, curb: 
             for wx in np.arange(x + 3, x + width - 4, 7):
                 canvas.rectangle(wy, wx, wy + 3, wx + 3, window, L.BUILDING)
         x += width
-    canvas.rectangle(curb, 0, curb + (S - curb) * 0.22, S - 1, _color(rng, (175, 170, 160), 12), L.SIDEWALK)
-    road_top = curb + (S - curb) * 0.22
-    canvas.rectangle(road_top, 0, S - 1, S - 1, _color(rng, (85, 85, 90), 10), L.ROAD)
-    for x in np.arange(rng.uniform(0, 20), S, 24):
-        canvas.rectangle((road_top + S) / 2, x, (road_top + S) / 2 + 1, x + 10, (220, 220, 210), L.ROAD)
+    road_top = curb if "sidewalk" in left_out else S if "road" in left_out else curb + (S - curb) * 0.22
+    canvas.rectangle(curb, 0, road_top, S - 1, _color(rng, (175, 170, 160), 12), L.SIDEWALK)
+    if "road" not in left_out:
+        canvas.rectangle(road_top, 0, S - 1, S - 1, _color(rng, (85, 85, 90), 10), L.ROAD)
+        for x in np.arange(rng.uniform(0, 20), S, 24):
+            canvas.rectangle((road_top + S) / 2, x, (road_top + S) / 2 + 1, x + 10, (220, 220, 210), L.ROAD)
 
 
 def _tree(canvas: Canvas, rng: np.random.Generator, ground: float, x: float, scale: float) -> None:
@@ -188,18 +204,26 @@ DRAWERS = {"car": _car, "person": _person, "rider": _rider, "traffic light": _tr
 _MAIN_SCALE = {"car": (1.2, 2.2), "person": (1.5, 2.6), "rider": (1.6, 2.6), "traffic light": (1.6, 2.5)}
 
 
-def render_scene(main_class: str, seed: int, size: int = DEFAULT_SIZE) -> Scene:
-    """A seeded urban scene whose main object is ``main_class`` (one of ``labels.MAIN_CLASSES``)."""
+def render_scene(main_class: str, seed: int, size: int = DEFAULT_SIZE, variety: float = 0.0) -> Scene:
+    """A seeded urban scene whose main object is ``main_class`` (one of ``labels.MAIN_CLASSES``).
+
+    ``variety`` in [0, 1] is the probability with which the scene leaves out each of the background
+    things (``BACKGROUND_THINGS``); at 0 every scene has buildings, sidewalk, road and sky, and a seed
+    renders the same scene as before the option existed (the choice draws from its own generator).
+    """
     if main_class not in DRAWERS:
         raise ValueError(f"unknown class {main_class!r}; choose from {sorted(DRAWERS)}")
+    if not 0.0 <= variety <= 1.0:
+        raise ValueError(f"variety must lie in [0, 1] (a probability per background thing), got {variety}")
     rng = np.random.default_rng([seed, L.MAIN_CLASSES.index(main_class)])
+    left_out = _left_out(np.random.default_rng([seed, L.MAIN_CLASSES.index(main_class), 1]), variety) if variety else frozenset()
     unit = size / DEFAULT_SIZE
     canvas = Canvas(size, brightness=rng.uniform(0.7, 1.15))
     horizon = rng.uniform(0.35, 0.5) * size
     curb = horizon + rng.uniform(0.08, 0.14) * size
-    _background(canvas, rng, horizon, curb)
+    _background(canvas, rng, horizon, curb, left_out)
     sidewalk_ground = curb + (size - curb) * 0.2
-    for _ in range(rng.integers(0, 3)):
+    for _ in range(0 if "tree" in left_out else rng.integers(0, 3)):
         _tree(canvas, rng, sidewalk_ground, rng.uniform(0, size), unit * rng.uniform(0.9, 1.4))
     for _ in range(rng.integers(0, 3)):  # small distractor objects far away
         other = rng.choice([c for c in DRAWERS if c != main_class])

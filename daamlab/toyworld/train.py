@@ -78,6 +78,7 @@ class TrainConfig:
     frozen_text_encoder: bool = False  # the unet stage trains the UNet alone on the textenc stage's encoder
     unet_init: Path | None = None  # a pipeline directory whose UNet weights start the unet stage
     spatial_caption_share: float = 0.0  # share of unet-stage captions that say what is where
+    scene_variety: float = 0.0  # probability that a scene leaves out each background thing (render.BACKGROUND_THINGS)
     caption_dropout: float = 0.1  # empty prompts, for classifier-free guidance
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -221,9 +222,11 @@ class _Stage:
 def train_data(config: TrainConfig) -> None:
     size = config.architecture.image_size
     if not config.scenes_path.exists():
-        render_scene_set(config.num_scenes, size, first_seed=0, progress=config.progress).save(config.scenes_path)
+        render_scene_set(config.num_scenes, size, first_seed=0, progress=config.progress,
+                         variety=config.scene_variety).save(config.scenes_path)
     if not config.held_out_path.exists():
-        render_scene_set(config.num_held_out, size, HELD_OUT_FIRST_SEED, progress=config.progress).save(config.held_out_path)
+        render_scene_set(config.num_held_out, size, HELD_OUT_FIRST_SEED, progress=config.progress,
+                         variety=config.scene_variety).save(config.held_out_path)
 
 
 def train_vae(config: TrainConfig) -> AutoencoderKL:
@@ -318,10 +321,11 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
     return report
 
 
-def reuse_components(config: TrainConfig, source: Path) -> None:
+def reuse_components(config: TrainConfig, source: Path, stages=STAGES) -> None:
     """Copy a trained pipeline's VAE (as float32) and annotator, with their training reports, into the
-    work directory, so that the vae and annotator stages are skipped; with ``frozen_text_encoder``, its
-    contrastively pre-trained text encoder too (so the UNet can be trained further on the shipped encoder)."""
+    work directory, so that the vae and annotator stages are skipped; with ``frozen_text_encoder`` and no
+    ``textenc`` stage to run, its contrastively pre-trained text encoder too (so the UNet can be trained
+    further on the shipped encoder)."""
     reports = json.loads((Path(source) / "training.json").read_text())["reports"]
     if not (config.vae_dir / "config.json").exists():
         save_pretrained(AutoencoderKL.from_pretrained(Path(source) / "vae").float(), config.vae_dir)
@@ -329,15 +333,22 @@ def reuse_components(config: TrainConfig, source: Path) -> None:
     if not (config.work_dir / "annotator").exists():
         shutil.copytree(Path(source) / "annotator", config.work_dir / "annotator")
         write_json(config.work_dir / "annotator_report.json", {**reports["annotator"], "reused_from": str(source)})
-    if config.frozen_text_encoder and not (config.text_encoder_dir / "config.json").exists() and "textenc" in reports:
+    reuse_text_encoder = config.frozen_text_encoder and not ("textenc" in stages and config.textenc_steps > 0)
+    if reuse_text_encoder and not (config.text_encoder_dir / "config.json").exists() and "textenc" in reports:
         save_pretrained(CLIPTextModel.from_pretrained(Path(source) / "text_encoder").float(), config.text_encoder_dir)
         write_json(config.work_dir / "textenc_report.json", {**reports["textenc"], "reused_from": str(source)})
 
 
+def _name_absent(config: TrainConfig) -> float:
+    """How often a spatial caption names an absent background thing: only scenes that vary them lack any."""
+    return 0.5 if config.scene_variety > 0 else 0.0
+
+
 def _captions_of_batch(scenes: SceneSet, indices: torch.Tensor, flips: torch.Tensor, spatial_share: float,
-                       generator: torch.Generator) -> list[str]:
-    """One caption per scene: a spatial one (from its labels, flipped as the image is) with probability
-    ``spatial_share``, else one of its stored captions (which name no side, so they survive a flip)."""
+                       generator: torch.Generator, name_absent: float = 0.0) -> list[str]:
+    """One caption per scene: a spatial one (from its labels, flipped as the image is, naming each absent
+    background thing with probability ``name_absent``) with probability ``spatial_share``, else one of its
+    stored captions (which name no side, so they survive a flip)."""
     from daamlab.toyworld.captions import spatial_caption
 
     spatial = (torch.rand(len(indices), generator=generator) < spatial_share).tolist()
@@ -349,7 +360,7 @@ def _captions_of_batch(scenes: SceneSet, indices: torch.Tensor, flips: torch.Ten
         if use_spatial:
             labels = scenes.labels[index][:, ::-1] if flip else scenes.labels[index]
             main_class = L.MAIN_CLASSES[int(scenes.classes[index])]
-            captions.append(spatial_caption(labels, main_class, rng))
+            captions.append(spatial_caption(labels, main_class, rng, name_absent=name_absent))
         else:
             captions.append(scenes.captions[index][k])
     return captions
@@ -379,7 +390,7 @@ def train_textenc(config: TrainConfig) -> dict:
         indices = torch.randperm(len(scenes), generator=generator)[:batch]  # distinct scenes: no false negatives
         flips = torch.rand(batch, generator=generator) < 0.5
         images, _ = _batch_images(scenes, indices, flips)  # [B, 3, S, S]
-        captions = _captions_of_batch(scenes, indices, flips, 0.5, generator)
+        captions = _captions_of_batch(scenes, indices, flips, 0.5, generator, _name_absent(config))
         ids = _token_ids(tokenizer, captions, token_cache)  # [B, 77]
         # The encoder is causal: cutting the padding after the longest caption leaves every kept output as it was.
         length = int((ids == tokenizer.eos_token_id).int().argmax(dim=1).max()) + 1
@@ -458,7 +469,8 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
         latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
         dropped = torch.rand(batch, generator=generator) < config.caption_dropout
         if config.spatial_caption_share > 0:
-            chosen = _captions_of_batch(scenes, indices, flips.bool(), config.spatial_caption_share, generator)
+            chosen = _captions_of_batch(scenes, indices, flips.bool(), config.spatial_caption_share, generator,
+                                       _name_absent(config))
         else:  # the original draw, kept so that earlier runs resume identically
             choice = torch.randint(len(scenes.captions[0]), (batch,), generator=generator)
             chosen = [scenes.captions[i][c] for i, c in zip(indices.tolist(), choice.tolist())]
@@ -530,7 +542,7 @@ def train(config: TrainConfig, stages=STAGES, reuse_from: Path | None = None) ->
     if "data" in stages:
         train_data(config)
     if reuse_from is not None:
-        reuse_components(config, reuse_from)
+        reuse_components(config, reuse_from, stages)
     vae = train_vae(config) if {"vae", "annotator", "unet"} & set(stages) else None
     if "annotator" in stages and not (reuse_from is not None and (config.work_dir / "annotator").exists()):
         train_annotator(config, vae)
@@ -555,6 +567,8 @@ def main(argv=None) -> None:
     parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
     parser.add_argument("--spatial-caption-share", type=float, default=defaults.spatial_caption_share)
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
+    parser.add_argument("--scene-variety", type=float, default=defaults.scene_variety,
+                        help="probability that a training scene leaves out each background thing (0: every scene has them all)")
     parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator (and, with --frozen-text-encoder, the text encoder) of this pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
@@ -568,7 +582,7 @@ def main(argv=None) -> None:
         checkpoint_every=args.checkpoint_every, export_every=args.export_every, device=args.device,
         textenc_steps=args.textenc_steps, textenc_batch_size=args.textenc_batch_size,
         frozen_text_encoder=args.frozen_text_encoder, unet_init=args.unet_init,
-        spatial_caption_share=args.spatial_caption_share, ema_decay=args.ema_decay,
+        spatial_caption_share=args.spatial_caption_share, ema_decay=args.ema_decay, scene_variety=args.scene_variety,
     )
     train(config, args.stages, args.reuse_from)
 
