@@ -71,8 +71,8 @@ def test_variety_zero_renders_the_same_scene_and_full_variety_leaves_things_out(
     scene keeps one of building/sky and one of road/sidewalk (the two pairs share their part of the image)."""
     from daamlab.toyworld.render import BACKGROUND_THINGS
 
-    words_to_labels = {"building": L.BUILDING, "sidewalk": L.SIDEWALK, "road": L.ROAD, "tree": L.VEGETATION, "sky": L.SKY}
-    assert set(BACKGROUND_THINGS) == set(words_to_labels)
+    words_to_labels = {word: label for label, word in L.BACKGROUND_WORDS.items()}
+    assert set(BACKGROUND_THINGS) == {"building", "sidewalk", "road", "tree", "sky"}
     assert np.array_equal(render_scene("car", 3, variety=0.0).labels, render_scene("car", 3).labels)
     for seed in SEEDS:
         labels = render_scene(L.MAIN_CLASSES[seed % 4], seed, variety=1.0).labels
@@ -97,7 +97,7 @@ def test_background_captions_name_present_things_and_absent_ones_with_no():
     than 20 pixels when named with "no"; spatial captions follow the same rule."""
     import re
 
-    from daamlab.toyworld.captions import BACKGROUND_WORDS, spatial_caption
+    from daamlab.toyworld.captions import spatial_caption
 
     seen = {"present": 0, "absent": 0}
     for seed in SEEDS:
@@ -105,7 +105,7 @@ def test_background_captions_name_present_things_and_absent_ones_with_no():
         texts = [caption(scene, seed * 3 + k, name_background=True) for k in range(3)]
         texts.append(spatial_caption(scene.labels, scene.main_class, np.random.default_rng(seed), name_absent=1.0))
         for text in texts:
-            for label, word in BACKGROUND_WORDS.items():
+            for label, word in L.BACKGROUND_WORDS.items():
                 pixels = (scene.labels == label).sum()
                 if re.search(rf"\bno {word}\b", text):
                     seen["absent"] += 1

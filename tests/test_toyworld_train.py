@@ -92,6 +92,15 @@ def test_a_varied_run_retrains_the_text_encoder_it_reuses_nothing_else_of(tmp_pa
     assert json.loads((varied.output_dir / "training.json").read_text())["config"]["scene_variety"] == 0.5
 
 
+def test_a_work_dir_refuses_scenes_of_another_variety(tmp_path):
+    T.train(tiny_config(tmp_path, num_scenes=4, num_held_out=2), stages=("data",))
+    with pytest.raises(ValueError, match="rendered with .*scene_variety.*new --work-dir"):
+        T.train(tiny_config(tmp_path, num_scenes=4, num_held_out=2, scene_variety=0.3), stages=("data",))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        T.train(tiny_config(tmp_path / "other", scene_variety=2.0), stages=("data",))
+    assert not (tmp_path / "other" / "work" / "scenes.npz").exists()
+
+
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown stages"):
         T.train(tiny_config(tmp_path), stages=("vae", "decoder"))

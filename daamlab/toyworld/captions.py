@@ -29,8 +29,6 @@ def thesis_prompt(class_name: str) -> str:
     return THESIS_TEMPLATE.format(object=class_name)
 
 
-# The background things a varied scene may leave out (``render.BACKGROUND_THINGS``), by label.
-BACKGROUND_WORDS = {L.BUILDING: "building", L.SIDEWALK: "sidewalk", L.ROAD: "road", L.VEGETATION: "tree", L.SKY: "sky"}
 _ARTICLE = {"building": "a building", "tree": "a tree", "sidewalk": "the sidewalk", "road": "the road", "sky": "the sky"}
 
 
@@ -40,7 +38,7 @@ def background_phrases(labels: np.ndarray, rng: np.random.Generator, name_presen
     and each absent one ("no tree") with ``name_absent``; the singular word in both, so that an absent
     thing is named by the same token as a present one (labels uint8 [S, S])."""
     phrases = []
-    for label, word in BACKGROUND_WORDS.items():
+    for label, word in L.BACKGROUND_WORDS.items():
         present = (labels == label).sum() >= _MIN_PIXELS
         if rng.random() < (name_present if present else name_absent):
             phrases.append(_ARTICLE[word] if present else f"no {word}")

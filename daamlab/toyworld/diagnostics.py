@@ -19,9 +19,9 @@ from daamlab.toyworld import labels as L
 TEMPLATE = "a {word} in an urban environment"
 # The phrase each word is placed in, and the word whose last token is measured.
 CLASS_PHRASES = {"car": "car", "person": "person", "light": "traffic light", "rider": "rider"}
-BACKGROUND_WORDS = ("tree", "road", "sidewalk", "building", "sky")
+BACKGROUND_WORDS = tuple(L.BACKGROUND_WORDS.values())
 # Background word -> the annotator label it should fall on.
-BACKGROUND_LABELS = {"tree": L.VEGETATION, "road": L.ROAD, "sidewalk": L.SIDEWALK, "building": L.BUILDING, "sky": L.SKY}
+BACKGROUND_LABELS = {word: label for label, word in L.BACKGROUND_WORDS.items()}
 
 
 def diagnostic_words() -> dict[str, str]:

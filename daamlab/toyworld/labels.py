@@ -35,3 +35,7 @@ CLASS_WORD = {"car": "car", "person": "person", "traffic light": "light", "rider
 
 # How captions name the background things a scene may contain.
 CAPTION_WORDS = {BUILDING: "building", VEGETATION: "tree", SIDEWALK: "sidewalk", ROAD: "road", BICYCLE: "bicycle"}
+
+# The background things and their words: the open-vocabulary words of the diagnostics, the things a varied scene
+# may leave out (``render.render_scene(variety=...)``), and how captions name them.
+BACKGROUND_WORDS = {VEGETATION: "tree", ROAD: "road", SIDEWALK: "sidewalk", BUILDING: "building", SKY: "sky"}

@@ -86,7 +86,7 @@ def _vivid(rng: np.random.Generator):
 
 
 # -- background ---------------------------------------------------------------------------------
-BACKGROUND_THINGS = ("building", "sidewalk", "road", "tree", "sky")  # what a varied scene may leave out
+BACKGROUND_THINGS = tuple(L.BACKGROUND_WORDS.values())  # what a varied scene may leave out
 
 
 def _left_out(rng: np.random.Generator, variety: float) -> frozenset[str]:
@@ -216,7 +216,7 @@ def render_scene(main_class: str, seed: int, size: int = DEFAULT_SIZE, variety: 
     if not 0.0 <= variety <= 1.0:
         raise ValueError(f"variety must lie in [0, 1] (a probability per background thing), got {variety}")
     rng = np.random.default_rng([seed, L.MAIN_CLASSES.index(main_class)])
-    left_out = _left_out(np.random.default_rng([seed, L.MAIN_CLASSES.index(main_class), 1]), variety) if variety else frozenset()
+    left_out = _left_out(np.random.default_rng([seed, L.MAIN_CLASSES.index(main_class), 1]), variety)
     unit = size / DEFAULT_SIZE
     canvas = Canvas(size, brightness=rng.uniform(0.7, 1.15))
     horizon = rng.uniform(0.35, 0.5) * size

@@ -219,7 +219,28 @@ class _Stage:
 
 
 # -- stages --------------------------------------------------------------------------------------
+def _check_scene_recipe(config: TrainConfig) -> None:
+    """Refuse a work directory whose scenes were rendered with another variety or size, so that one run's
+    scenes are never trained on under another run's recipe (work directories from before ``scene_variety``
+    have no recipe file; they hold scenes of variety 0)."""
+    recipe = {"scene_variety": config.scene_variety, "image_size": config.architecture.image_size}
+    path = config.work_dir / "scenes.json"
+    if path.exists():
+        stored = json.loads(path.read_text())
+    elif config.scenes_path.exists():
+        stored = {"scene_variety": 0.0, "image_size": SceneSet.load(config.scenes_path).images.shape[1]}
+    else:
+        write_json(path, recipe)
+        return
+    if stored != recipe:
+        raise ValueError(f"the scenes in {config.work_dir} were rendered with {stored}, this run asks for {recipe}; "
+                         "pass the same --scene-variety/--image-size or a new --work-dir")
+
+
 def train_data(config: TrainConfig) -> None:
+    if not 0.0 <= config.scene_variety <= 1.0:
+        raise ValueError(f"--scene-variety must lie in [0, 1] (a probability per background thing), got {config.scene_variety}")
+    _check_scene_recipe(config)
     size = config.architecture.image_size
     if not config.scenes_path.exists():
         render_scene_set(config.num_scenes, size, first_seed=0, progress=config.progress,
