@@ -109,6 +109,8 @@ RECORD_KINDS = (
     RecordKind("queries", "layer_step", "[hw, heads*head_dim]", "W_q h for open-vocabulary maps"),
     RecordKind("linear_matrix", "single", "[H*W, d]", "M = sum_l up((sum_t Q_t,l) W_k^l)", float32_on_load=True),
     RecordKind("linear_bias", "single", "[H*W]", "the same for the key bias (zero in SD)"),
+    RecordKind("linear_logits", "layer", "[hw, n]", "joint attention (SD3, Flux): q k^T of the text keys, no softmax, "
+               "summed over steps and heads"),
     RecordKind("text_embeddings", "single", "[n, d]", "the conditioning X of the traced branch"),
     RecordKind("contexts", "phrase_layer", "[hw, m]", "re-run open-vocabulary sums over the phrase's m keys"),
     RecordKind("self_attention", "layer", "[heads, hw, head_dim]", "last-step per-head self-attention output"),
@@ -169,7 +171,7 @@ class Record:
     What it holds is declared once in ``RECORD_KINDS`` (field, keying, shape, meaning); the fields
     below follow it, and so do ``save``, ``load_record`` and ``to``. Shapes per entry:
       daam[layer] [hw, n]; daam_heads[layer] [heads, hw, n]; daam_steps[layer] [steps, hw, n];
-      queries[(layer, step)] [hw, inner]; linear_matrix [H*W, d]; linear_bias [H*W];
+      queries[(layer, step)] [hw, inner]; linear_matrix [H*W, d]; linear_bias [H*W]; linear_logits[layer] [hw, n];
       text_embeddings [n, d]; contexts[phrase][layer] [hw, m]; self_attention[layer] [heads, hw, head_dim];
       concept_output[layer], concept_cross[layer] [hw, k] (k = len(meta.concepts));
       image [height, width, 3] uint8, when the generator stored it.
@@ -182,6 +184,7 @@ class Record:
     queries: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     linear_matrix: torch.Tensor | None = None
     linear_bias: torch.Tensor | None = None
+    linear_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     text_embeddings: torch.Tensor | None = None
     contexts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)

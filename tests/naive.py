@@ -33,7 +33,8 @@ class StoreEverything:
 
 class StoreJoint:
     """SD3's joint attention recomputed plainly: the full softmax over [image keys, text keys] for every
-    image query, per head; keeps its text columns as ``probs`` [B, heads, hw, n]."""
+    image query, per head; keeps its text columns as ``probs`` [B, heads, hw, n] and their unscaled logits before
+    the softmax, summed over heads, as ``logits`` [B, hw, n]."""
 
     def __init__(self, name, original, calls):
         self.name, self.original, self.calls = name, original, calls
@@ -44,14 +45,16 @@ class StoreJoint:
             heads, hw = attn.heads, hidden_states.shape[1]
             q, k, kt = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.add_k_proj(encoder_hidden_states)
             d = q.shape[-1] // heads
-            probs = []
+            probs, logits = [], 0
             for h in range(heads):
                 qh, kh, kth = (x[..., h * d:(h + 1) * d] for x in (q, k, kt))
                 if attn.norm_q is not None:
                     qh, kh, kth = attn.norm_q(qh), attn.norm_k(kh), attn.norm_added_k(kth)
                 full = torch.softmax(qh @ torch.cat([kh, kth], dim=1).transpose(1, 2) / math.sqrt(d), dim=-1)
                 probs.append(full[:, :, hw:])  # [B, hw, n]
-            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu()})
+                logits = logits + qh @ kth.transpose(1, 2)
+            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu(),
+                               "logits": logits.float().cpu()})
         return out
 
 
@@ -68,7 +71,8 @@ class StoreFlux:
     """Flux's attention recomputed plainly over the whole joint sequence [text, image]: double-stream blocks project
     the text stream with add_q/add_k and norm_added_q/k and the image stream with to_q/to_k and norm_q/k, single-stream
     blocks project the joined input with to_q/to_k; rotary embeddings over all positions; the full softmax per head
-    with scale 1/sqrt(d). Keeps the image rows x text columns as ``probs`` [B, heads, hw, n]."""
+    with scale 1/sqrt(d). Keeps the image rows x text columns as ``probs`` [B, heads, hw, n], and their unscaled
+    logits summed over heads as ``logits`` [B, hw, n]."""
 
     def __init__(self, name, original, calls, text_length):
         self.name, self.original, self.calls, self.text_length = name, original, calls, text_length
@@ -94,11 +98,13 @@ class StoreFlux:
             cos, sin = image_rotary_emb
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # [B, S, heads, d]
             d = q.shape[-1]
-            probs = []
+            probs, logits = [], 0
             for h in range(heads):
-                full = torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2) / math.sqrt(d), dim=-1)  # [B, S, S]
-                probs.append(full[:, n:, :n])  # image queries x text keys
-            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu()})
+                products = q[:, :, h] @ k[:, :, h].transpose(1, 2)  # [B, S, S]
+                probs.append(torch.softmax(products / math.sqrt(d), dim=-1)[:, n:, :n])  # image queries x text keys
+                logits = logits + products[:, n:, :n]
+            self.calls.append({"layer": self.name, "probs": torch.stack(probs, 1).float().cpu(),
+                               "logits": logits.float().cpu()})
         return out
 
 

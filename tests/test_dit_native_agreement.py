@@ -38,7 +38,7 @@ from daamlab.testing.dit import (
     tiny_vae,
 )
 from daamlab.testing.unet import TEXT_DIM, clip_tokenizer, tiny_text_encoder
-from naive import record_everything
+from naive import record_everything, up
 
 PROMPT = "a car and a tree on the road"
 WORDS = ("car", "tree", "road")
@@ -205,3 +205,44 @@ def test_native_daam_equals_the_models_attention_on_every_layer(family, config):
     assert float((total - naive_total).abs().max() / naive_total.max()) <= RELATIVE_TOLERANCE
     print(f"{family} [{config.name}]: {len(layers)} layers x {len(words)} words, "
           f"max |ours - naive| / peak = {worst:.2e}")
+
+
+LINEAR_CASES = [(family, config) for family, config in CASES if family in ("flux", "sd3")]
+
+
+@pytest.mark.parametrize("family,config", LINEAR_CASES, ids=[f"{family}: {config.name}" for family, config in LINEAR_CASES])
+def test_linear_daam_of_joint_attention_is_the_models_logits_summed(family, config, tmp_path):
+    """Linear DAAM on SD3 and Flux: sum over steps, blocks and heads of up(q . k_word), the logits the model's softmax
+    reads (unscaled), from each block's own text keys; averaged over the word's tokens."""
+    pipe, call, text_length, calls_per_step, row = FAMILIES[family](config)
+    if config.sharpen != 1.0:
+        sharpen_attention(pipe.transformer, config.sharpen)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
+                    height=config.height, width=config.width, output_type="np", **call).images
+
+    calls, _ = record_everything(pipe, run, text_length=text_length)
+    with daamlib.trace(pipe, branch=config.branch, daam=False, linear=True) as tr:
+        run()
+    (traced,) = tr.records
+    record = daamlib.load_record(traced.save(tmp_path / "record.safetensors"))  # the logits survive a file
+    assert not record.daam and record.linear_matrix is None
+    parity = int(config.branch == "uncond")
+    words = ("black", "dog", "rain") if family == "flux" and config.branch == "uncond" else WORDS
+    latent = record.latent_size
+    for word in words:
+        tokens = list(record.tokens.token_indices(word))
+        naive = torch.zeros(latent)
+        for layer in record.cross_layers:
+            kept = [c for c in calls if c["layer"] == layer.name][parity::calls_per_step]
+            summed = sum(c["logits"][row][:, tokens].mean(-1) for c in kept).reshape(layer.resolution)
+            naive += up(summed, latent, "bilinear")
+        ours = daamlib.linear(record, word)
+        error = float((ours - naive).abs().max() / naive.abs().max())
+        assert error <= RELATIVE_TOLERANCE, (word, error)
+    with pytest.raises(KeyError, match="ConceptAttention"):
+        daamlib.linear(record, "bicycle", pipe=pipe)
+    with pytest.raises(ValueError, match="conditioning vector"):
+        daamlib.linear(record, torch.ones(record.text_embeddings.shape[-1]))

@@ -44,6 +44,7 @@ class GenerationState:
     daam_heads: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, n]
     daam_steps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # steps x [N, hw, n]
     query_sums: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, inner]
+    linear_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, hw, n] joint attention's q k^T
     queries: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # [N, hw, inner]
     contexts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # [N, hw, m]
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, heads, hw, d]
@@ -106,9 +107,15 @@ class GenerationState:
         text_keys: torch.Tensor,  # [N, heads, n, head_dim]
         scale: float,
     ) -> None:
-        """The text columns of the softmax over [image keys, text keys] that SD3's joint attention computes."""
+        """The text columns of the softmax over [image keys, text keys] that SD3's and Flux's joint attention
+        computes (``daam``), and their logits before the softmax, unscaled and summed over heads (``linear``)."""
         queries32 = queries.float()
-        text_logits = queries32 @ text_keys.float().transpose(-1, -2) * scale  # [N, heads, hw, n]
+        products = queries32 @ text_keys.float().transpose(-1, -2)  # [N, heads, hw, n]
+        if self.options.linear:
+            _add(self.linear_logits, layer.name, products.sum(dim=1))
+        if not self.options.daam:
+            return
+        text_logits = products * scale
         image_normalizer = torch.cat([  # log-sum-exp over the image keys, one head at a time ([hw, hw] each)
             torch.logsumexp(queries32[:, h : h + 1] @ image_keys[:, h : h + 1].float().transpose(-1, -2) * scale, dim=-1)
             for h in range(queries.shape[1])], dim=1)  # [N, heads, hw]

@@ -172,7 +172,7 @@ class Trace:
         hidden = hidden_states[self._rows]  # [N, hw, C] (Flux's single-stream blocks: [N, n + hw, C])
         queries, image_keys, text_keys, scale = self.reader.joint_attention(attn, hidden, text, rotary)
         state.register_layer(layer, queries.shape[2], scale)
-        if self.options.daam:
+        if self.options.daam or self.options.linear:
             state.add_joint_attention(layer, queries, image_keys, text_keys, scale)
         concept_maps = None if self.concepts is None else self.concepts.observe(layer.name, attn, hidden, text, rotary,
                                                                                 (queries, image_keys, text_keys))
@@ -310,10 +310,11 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
         raise NotImplementedError(f"{type(unet).__name__} has no cross- or joint-attention layers daamlib can read; "
                                   "daamlib traces SD 1.x/2.x/XL UNets, PixArt-α/Σ, SD3 and Flux")
     cross_layers = select_layers(available, options.layers)
-    if any(layer.kind == "joint" for layer in cross_layers) and (options.linear or options.queries or options.contexts):
-        raise ValueError("linear=, queries= and contexts= need one conditioning space that every layer's keys read; in the "
-                         "joint attention of SD3 and Flux each block projects its own text stream, so only daam, per_head and "
-                         "per_step apply")
+    if any(layer.kind == "joint" for layer in cross_layers) and (options.queries or options.contexts):
+        raise ValueError("queries= and contexts= need one conditioning space that every layer's keys read; in the joint "
+                         "attention of SD3 and Flux each block projects its own text stream, so a word outside the prompt "
+                         "has no key there: trace with concepts=[...] (ConceptAttention) for words not in the prompt; "
+                         "daam, per_head, per_step and linear (the prompt's words) apply")
     if options.query_layers is not None:
         select_layers(cross_layers, options.query_layers)  # validates the names
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
