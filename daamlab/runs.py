@@ -363,7 +363,8 @@ def write_report(run_dir: Path, preset: dict) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Run daamlib's notebooks with a papermill preset.")
-    parser.add_argument("preset", help="a preset name in papermill_runs/ (toy-smoke, toy-full, sd2-base-thesis, pixart-alpha-thesis) or a YAML path")
+    parser.add_argument("preset", help="a preset name in papermill_runs/ (toy-smoke, toy-full, sd2-base-thesis, pixart-alpha-thesis, "
+                        "sd3-medium-thesis, flux-schnell-thesis) or a YAML path")
     parser.add_argument("--resume", type=Path, help="a run directory (made by the same preset) to continue")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -53,10 +53,8 @@ def unflatten_positions(maps: torch.Tensor, resolution: tuple[int, int]) -> torc
     """[..., h*w, channels] -> [..., channels, h, w]."""
     height, width = resolution
     if maps.ndim < 2 or maps.shape[-2] != height * width:
-        raise ValueError(
-            f"maps [..., positions, channels] of shape {list(maps.shape)} do not hold {height}x{width} positions; "
-            "the record's layer resolution and its maps disagree (a corrupt or hand-built record?)"
-        )
+        raise ValueError(f"maps [..., positions, channels] of shape {list(maps.shape)} do not hold {height}x{width} positions; "
+                         "the record's layer resolution and its maps disagree (a corrupt or hand-built record?)")
     moved = maps.movedim(-1, -2)  # [..., channels, h*w]
     return moved.reshape(*moved.shape[:-1], height, width)
 

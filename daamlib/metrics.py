@@ -53,10 +53,8 @@ def normalize(heatmap: torch.Tensor) -> torch.Tensor:
     heatmap = _heatmap_tensor(heatmap, ndim=None)
     low, high = heatmap.min(), heatmap.max()
     if high - low <= 0:
-        raise ValueError(
-            "the heatmap is constant (all values equal, e.g. all zero), so it cannot be normalised; "
-            "check that the word or token index attends anywhere, or that the record is not empty"
-        )
+        raise ValueError("the heatmap is constant (all values equal, e.g. all zero), so it cannot be normalised; "
+                         "check that the word or token index attends anywhere, or that the record is not empty")
     return (heatmap - low) / (high - low)
 
 
@@ -79,17 +77,13 @@ def to_mask_resolution(heatmap: torch.Tensor, mask_shape: Sequence[int], upsampl
         raise ValueError(f"a heatmap is [h, w]; got shape {list(heatmap.shape)}")
     mask_shape = tuple(int(size) for size in mask_shape)
     if len(mask_shape) != 2:
-        raise ValueError(
-            f"a mask shape is (H, W); got {mask_shape}. For an image or an RGB/palette mask pass "
-            "image.shape[:2], and turn a colour mask into one boolean mask per class first"
-        )
+        raise ValueError(f"a mask shape is (H, W); got {mask_shape}. For an image or an RGB/palette mask pass "
+                         "image.shape[:2], and turn a colour mask into one boolean mask per class first")
     h, w = heatmap.shape[-2:]
     H, W = mask_shape
     if H < h or W < w or H % h or W % w or H // h != W // w:
-        raise ValueError(
-            f"mask of size {H}x{W} does not match a {h}x{w} heatmap: masks must be at the generated "
-            "image's resolution (an integer multiple of the latent, same aspect ratio)"
-        )
+        raise ValueError(f"mask of size {H}x{W} does not match a {h}x{w} heatmap: masks must be at the generated "
+                         "image's resolution (an integer multiple of the latent, same aspect ratio)")
     return resize(heatmap, (H, W), upsample)
 
 
@@ -104,9 +98,8 @@ def iou(predicted: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor)
     return 1.0 if union == 0 else float(np.logical_and(predicted, target).sum() / union)
 
 
-def iou_curve(
-    heatmap: torch.Tensor, mask: np.ndarray | torch.Tensor, taus: np.ndarray | None = None, upsample: str = "bicubic"
-) -> np.ndarray:
+def iou_curve(heatmap: torch.Tensor, mask: np.ndarray | torch.Tensor, taus: np.ndarray | None = None,
+              upsample: str = "bicubic") -> np.ndarray:
     """IoU of D >= tau * max D against ``mask`` for every tau.  [len(taus)]
 
     ``heatmap`` is one latent map [h, w] with a positive maximum, ``mask`` one boolean (or 0/1)
@@ -114,10 +107,8 @@ def iou_curve(
     taus = thresholds() if taus is None else _threshold_array(taus)
     target = _mask_array(mask, "mask")
     if target.ndim != 2:
-        raise ValueError(
-            f"the mask is one [H, W] map; got shape {list(target.shape)}. Pass one boolean mask per "
-            "image (for an RGB or palette mask, compare it with the class's colour or label first)"
-        )
+        raise ValueError(f"the mask is one [H, W] map; got shape {list(target.shape)}. Pass one boolean mask per "
+                         "image (for an RGB or palette mask, compare it with the class's colour or label first)")
     values = to_mask_resolution(_heatmap_tensor(heatmap).detach().cpu(), target.shape, upsample).numpy().ravel()
     peak = _positive_max(torch.from_numpy(values))  # after upsampling: the max the levels use
     target = target.ravel()
@@ -145,17 +136,11 @@ def summarize(curves: Mapping[str, np.ndarray], taus: np.ndarray | None = None) 
         per_image = _curve_array(per_image, f"curves[{name!r}]")
         grid = thresholds(per_image.shape[1]) if grid_given is None else grid_given
         if len(grid) != per_image.shape[1]:
-            raise ValueError(
-                f"curves[{name!r}] has {per_image.shape[1]} thresholds per image but taus has {len(grid)}; "
-                "pass the taus the curves were computed with"
-            )
+            raise ValueError(f"curves[{name!r}] has {per_image.shape[1]} thresholds per image but taus has {len(grid)}; "
+                             "pass the taus the curves were computed with")
         mean = per_image.mean(axis=0)
-        rows[name] = {
-            "max_miou": float(mean.max()),
-            "best_tau": float(grid[mean.argmax()]),
-            "auc": float(np.trapezoid(mean, grid)),
-            "images": per_image.shape[0],
-        }
+        rows[name] = {"max_miou": float(mean.max()), "best_tau": float(grid[mean.argmax()]),
+                      "auc": float(np.trapezoid(mean, grid)), "images": per_image.shape[0]}
     import pandas as pd  # only this table needs it: `import daamlib` stays light
 
     table = pd.DataFrame.from_dict(rows, orient="index")
@@ -168,11 +153,8 @@ def curve_bands(per_image: np.ndarray, low: float = 5, high: float = 95) -> dict
     per_image = _curve_array(per_image, "per_image")
     if not 0 <= low <= high <= 100:
         raise ValueError(f"percentiles must satisfy 0 <= low <= high <= 100; got low={low}, high={high}")
-    return {
-        "mean": per_image.mean(axis=0),
-        "low": np.percentile(per_image, low, axis=0),
-        "high": np.percentile(per_image, high, axis=0),
-    }
+    return {"mean": per_image.mean(axis=0), "low": np.percentile(per_image, low, axis=0),
+            "high": np.percentile(per_image, high, axis=0)}
 
 
 def pooled_iou(predicted: np.ndarray, target: np.ndarray, label_ids: Mapping[str, int]) -> dict[str, float]:
@@ -194,10 +176,8 @@ def pearson(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float
     """Pearson correlation of two maps of the same shape (flattened); NaN when either is constant."""
     a, b = _numeric_array(a, "a"), _numeric_array(b, "b")
     if a.shape != b.shape:
-        raise ValueError(
-            f"maps differ in shape: {list(a.shape)} vs {list(b.shape)}; resize one to the other first "
-            "(e.g. metrics.to_mask_resolution)"
-        )
+        raise ValueError(f"maps differ in shape: {list(a.shape)} vs {list(b.shape)}; resize one to the other first "
+                         "(e.g. metrics.to_mask_resolution)")
     if a.size < 2:
         raise ValueError(f"a correlation needs at least 2 values; the maps have {a.size}")
     for array, name in ((a, "a"), (b, "b")):
@@ -244,12 +224,9 @@ def _describe_non_binary(array: np.ndarray, binary: np.ndarray) -> str:
     other = array[~binary]
     if array.dtype.kind in "iu" and (other == 255).all():
         return "its values are 0/255 (an 8-bit image); turn it into a boolean mask first, e.g. png > 127"
-    return (
-        f"{other.size} values are neither 0 nor 1 (e.g. {other[0].item():g}; range "
-        f"{array.min().item():g}..{array.max().item():g}). "
-        "Masks must be boolean or exactly 0/1: threshold a soft mask first, e.g. "
-        "daamlib.binarize(soft, tau) or soft >= 0.5"
-    )
+    return (f"{other.size} values are neither 0 nor 1 (e.g. {other[0].item():g}; range "
+            f"{array.min().item():g}..{array.max().item():g}). Masks must be boolean or exactly 0/1: "
+            "threshold a soft mask first, e.g. daamlib.binarize(soft, tau) or soft >= 0.5")
 
 
 def _heatmap_tensor(heatmap, ndim: int | None = 2) -> torch.Tensor:
@@ -259,35 +236,28 @@ def _heatmap_tensor(heatmap, ndim: int | None = 2) -> torch.Tensor:
     elif not isinstance(heatmap, torch.Tensor):
         raise TypeError(f"a heatmap is a torch.Tensor or np.ndarray [h, w]; got {type(heatmap).__name__}")
     if heatmap.dtype == torch.bool or heatmap.is_complex():
-        raise TypeError(
-            f"a heatmap is real-valued; got dtype {heatmap.dtype}. A boolean map is a mask: compare masks with iou()"
-        )
+        raise TypeError(f"a heatmap is real-valued; got dtype {heatmap.dtype}. "
+                        "A boolean map is a mask: compare masks with iou()")
     if ndim is not None and heatmap.ndim != ndim:
-        raise ValueError(
-            f"expected one heatmap [h, w]; got shape {list(heatmap.shape)}. Pass one map at a time "
-            "(e.g. daamlib.daam(record, word), or maps[i] of a stack)"
-        )
+        raise ValueError(f"expected one heatmap [h, w]; got shape {list(heatmap.shape)}. Pass one map at a time "
+                         "(e.g. daamlib.daam(record, word), or maps[i] of a stack)")
     if heatmap.numel() == 0:
         raise ValueError(f"the heatmap is empty (shape {list(heatmap.shape)})")
     if not heatmap.is_floating_point():
         heatmap = heatmap.float()
     finite = torch.isfinite(heatmap)
     if not finite.all():
-        raise ValueError(
-            f"the heatmap has {int((~finite).sum())} NaN or inf values; check the record it came from "
-            "(e.g. a float16 overflow) or the method's inputs"
-        )
+        raise ValueError(f"the heatmap has {int((~finite).sum())} NaN or inf values; check the record it came from "
+                         "(e.g. a float16 overflow) or the method's inputs")
     return heatmap
 
 
 def _positive_max(heatmap: torch.Tensor) -> torch.Tensor:
     peak = heatmap.max()
     if peak <= 0:
-        raise ValueError(
-            f"the heatmap's maximum is {float(peak):.4g}, not positive, so tau * max D is no fraction of a "
-            "peak (an all-zero map comes from an empty selection); check the word, layers and steps, or "
-            "min-max normalize a signed map first (daamlib.normalize)"
-        )
+        raise ValueError(f"the heatmap's maximum is {float(peak):.4g}, not positive, so tau * max D is no fraction of a "
+                         "peak (an all-zero map comes from an empty selection); check the word, layers and steps, or "
+                         "min-max normalize a signed map first (daamlib.normalize)")
     return peak
 
 
@@ -315,9 +285,8 @@ def _curve_array(per_image, name: str) -> np.ndarray:
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(
-            f"{name} must be per-image IoU curves [images, taus] with at least one image; got shape {list(array.shape)}"
-        )
+        raise ValueError(f"{name} must be per-image IoU curves [images, taus] with at least one image; "
+                         f"got shape {list(array.shape)}")
     if not ((array >= 0) & (array <= 1)).all():  # NaN fails both
         raise ValueError(f"{name} has values outside [0, 1] or NaN; IoU curves come from iou_curve")
     return array

@@ -111,11 +111,9 @@ def _resolve_source(name_or_dir: str | os.PathLike | None) -> Path | str:
     if name_or_dir is None:
         directory = toy_model_dir()
         if not (directory / "model_index.json").exists():
-            raise FileNotFoundError(
-                f"the embedded toy model is not at {directory}. It ships in the repository's data/models/toy-urban: "
-                f"install daamlib from a checkout (pip install -e .) or set {TOY_MODEL_ENV}=<checkout>/data/models/toy-urban; "
-                "or pass a model id or directory"
-            )
+            raise FileNotFoundError(f"the embedded toy model is not at {directory}. It ships in the repository's "
+                                    "data/models/toy-urban: install daamlib from a checkout (pip install -e .) or set "
+                                    f"{TOY_MODEL_ENV}=<checkout>/data/models/toy-urban; or pass a model id or directory")
         return directory
     path = Path(name_or_dir).expanduser()
     if path.is_dir():

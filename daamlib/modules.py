@@ -113,16 +113,12 @@ def same_model(first: dict | None, second: dict | None) -> bool:
 def check_same_model(fingerprint: dict | None, pipe, what: str = "this record") -> None:
     """Raise when ``pipe`` is not the model that made ``what``."""
     if fingerprint is None:
-        raise ValueError(
-            f"{what} carries no model fingerprint (it was written by an older daamlib), so it cannot be checked "
-            "against this pipeline; regenerate it with the model you want to use"
-        )
+        raise ValueError(f"{what} carries no model fingerprint (it was written by an older daamlib), so it cannot be checked "
+                         "against this pipeline; regenerate it with the model you want to use")
     if not same_model(fingerprint, model_fingerprint(pipe)):
-        raise ValueError(
-            f"{what} was made with another model than this pipeline "
-            f"({getattr(pipe, 'name_or_path', None) or type(pipe).__name__!r}); its queries and "
-            "embeddings only make sense with the weights that produced them: pass the pipeline that generated it"
-        )
+        raise ValueError(f"{what} was made with another model than this pipeline "
+                         f"({getattr(pipe, 'name_or_path', None) or type(pipe).__name__!r}); its queries and "
+                         "embeddings only make sense with the weights that produced them: pass the pipeline that generated it")
 
 
 def _config_dict(module) -> dict:

@@ -72,10 +72,8 @@ class OptimizedTokens:
             hint = "; it is a daamlib record: read it with daamlib.load_record" if found == "daamlib.record" else ""
             raise ValueError(f"{path} does not hold daamlib optimized tokens{hint}")
         if expected_model_id is not None and meta["model_id"] != expected_model_id:
-            raise ValueError(
-                f"tokens in {path} were optimized for {meta['model_id']!r}, not {expected_model_id!r}; "
-                "conditioning vectors do not transfer between models"
-            )
+            raise ValueError(f"tokens in {path} were optimized for {meta['model_id']!r}, not {expected_model_id!r}; "
+                             "conditioning vectors do not transfer between models")
         tokens = cls(vectors=vectors, **meta)
         if pipe is not None:
             check_same_model(tokens.model_fingerprint, pipe, f"the tokens in {path}")
@@ -163,6 +161,10 @@ def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:
     """All records of one model (the pipeline's, when given) and holding what the variant reads."""
     needed = "linear_matrix" if variant == "linear" else "queries"
     for index, record in enumerate(records):
+        if record.linear_logits and record.linear_matrix is None:
+            raise ValueError(f"record {index} comes from joint attention (SD3, Flux), where every block reads its own "
+                             "text stream: there is no conditioning space a token could be optimized in, so token "
+                             "optimization applies to SD 1.x/2.x/XL and PixArt only")
         if variant == "linear" and record.linear_matrix is None or variant == "softmax" and not record.queries:
             option = "linear=True" if variant == "linear" else "queries=True"
             raise ValueError(f"record {index} has no {needed}; variant={variant!r} needs records traced with {option}")
@@ -172,10 +174,8 @@ def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:
         same = (same_model(first.model_fingerprint, meta.model_fingerprint)
                 if first.model_fingerprint or meta.model_fingerprint else first.model_id == meta.model_id)
         if not same:
-            raise ValueError(
-                f"record {index} comes from another model than record 0 ({meta.model_id!r} vs {first.model_id!r}); "
-                "tokens are optimized for one model: pass records of a single model"
-            )
+            raise ValueError(f"record {index} comes from another model than record 0 ({meta.model_id!r} vs {first.model_id!r}); "
+                             "tokens are optimized for one model: pass records of a single model")
     if pipe is not None:
         check_same_model(first.model_fingerprint, pipe, "record 0")
 
@@ -216,10 +216,8 @@ def latent_target(record: Record, mask: np.ndarray | torch.Tensor, index: int = 
     mask = torch.as_tensor(np.asarray(mask))
     expected = record.image_size
     if tuple(mask.shape) != tuple(expected):
-        raise ValueError(
-            f"mask {index} is {tuple(mask.shape)} but the record's image is {tuple(expected)}; "
-            "pass one [height, width] mask per record at image resolution"
-        )
+        raise ValueError(f"mask {index} is {tuple(mask.shape)} but the record's image is {tuple(expected)}; "
+                         "pass one [height, width] mask per record at image resolution")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"mask {index} is not binary (values other than 0 and 1); threshold it first, e.g. mask > 0.5")
     mask = mask.float()

@@ -196,10 +196,8 @@ class Record:
     @property
     def tokens(self) -> PromptTokens:
         if self.meta.token_ids is None:
-            raise KeyError(
-                "this record has no prompt tokens (the pipeline was called with prompt_embeds); "
-                "address tokens by index instead of by word"
-            )
+            raise KeyError("this record has no prompt tokens (the pipeline was called with prompt_embeds); "
+                           "address tokens by index instead of by word")
         return PromptTokens(tuple(self.meta.token_ids), tuple(self.meta.token_strings), tuple(self.meta.added_tokens))
 
     @property

@@ -185,15 +185,11 @@ class PromptTokens:
         starts = [i for i in range(len(words) - len(wanted) + 1) if words[i : i + len(wanted)] == wanted]
         if not starts:
             hint = " The prompt was cut at the text encoder's length, which may have dropped it." if self.maybe_truncated else ""
-            raise WordNotInPrompt(
-                f"{word!r} is not in the prompt {self.text!r}.{hint} Use open-vocabulary maps "
-                "(daamlib.openvocab or daamlib.linear) for words that were not in the prompt."
-            )
+            raise WordNotInPrompt(f"{word!r} is not in the prompt {self.text!r}.{hint} Use open-vocabulary maps "
+                                  "(daamlib.openvocab or daamlib.linear) for words that were not in the prompt.")
         if not 0 <= occurrence < len(starts):
-            raise KeyError(
-                f"{word!r} occurs {len(starts)} time(s) in the prompt; occurrence={occurrence} "
-                f"is out of range (use 0..{len(starts) - 1})"
-            )
+            raise KeyError(f"{word!r} occurs {len(starts)} time(s) in the prompt; occurrence={occurrence} "
+                           f"is out of range (use 0..{len(starts) - 1})")
         start = starts[occurrence]
         return tuple(i for w in found[start : start + len(wanted)] for i in w.token_indices)
 

@@ -246,3 +246,7 @@ def test_linear_daam_of_joint_attention_is_the_models_logits_summed(family, conf
         daamlib.linear(record, "bicycle", pipe=pipe)
     with pytest.raises(ValueError, match="conditioning vector"):
         daamlib.linear(record, torch.ones(record.text_embeddings.shape[-1]))
+    mask = torch.ones(record.image_size, dtype=torch.bool)
+    for variant in ("linear", "softmax"):  # refused before any epoch runs
+        with pytest.raises(ValueError, match="no conditioning space"):
+            daamlib.optimize_tokens([record], [mask], init="car", variant=variant, pipe=pipe, progress=False)

@@ -11,34 +11,19 @@ result). The run takes about 3 minutes (192 s on 2 CPU cores shared with other w
 """
 
 import inspect
-import json
 
-import numpy as np
 import pytest
 import torch
-import yaml
-from PIL import Image
 
 from daamlab.experiments import ThesisDataset
 from daamlab.experiments.analysis import short_layer_name
-from daamlab.experiments.dataset import sample_name
-from daamlab.runs import load_preset, run_preset
+from daamlab.runs import load_preset
+from presets import CLASSES, SEEDS, results, run_tiny_preset
 
 pytest.importorskip("papermill")
 
 PRESET = "pixart-alpha-thesis"
-CLASSES, SEEDS = ["car", "person"], 3  # 3 seeds: token optimization trains on 1 and 2 images and tests on the rest
 SIZE = 256  # pixels: the tiny model's default (latent sample_size 32 x VAE factor 8)
-TINY_COUNTS = {  # the preset's notebook parameters, made tiny as in toy-smoke
-    "01_dataset": {"seeds": SEEDS, "classes": CLASSES, "examples_per_class": 1},
-    "02_daam_baseline": {"examples_per_class": 1},
-    "03_linear_daam": {"examples_per_class": 1},
-    "04_token_optimization": {"train_sizes": [1, 2], "epochs": 5, "summary_train_size": 2},
-    "05_layer_timestep_analysis": {"images_per_class": 1},
-    "06_summary": {"summary_train_size": 2},
-    "07_labels_and_export": {"examples": 2, "prompt_set": {"seeds_per_prompt": 1, "templates": [
-        {"template": "a {object} in an urban environment", "words": ["object"], "attributes": {"object": ["car", "tree"]}}]}},
-}
 
 
 def tiny_pixart_like_the_512_model():
@@ -55,40 +40,10 @@ def tiny_pixart_like_the_512_model():
                                transformer=pipe.transformer, scheduler=DPMSolverMultistepScheduler())
 
 
-def tiny_preset(model_dir, mask_dir) -> dict:
-    """The preset with the tiny model on the CPU, 4 steps and tiny counts; everything else as it is."""
-    preset = load_preset(PRESET)
-    notebook_parameters = {}
-    for notebook in preset["notebooks"]:
-        values = {**(preset["notebook_parameters"] or {}).get(notebook, {}), **TINY_COUNTS.get(notebook, {})}
-        if notebook == "01_dataset":
-            values.pop("sam_checkpoint")
-            values["mask_dir"] = str(mask_dir)
-        notebook_parameters[notebook] = values
-    return {"description": f"{PRESET} on a tiny random PixArt-α (tests/test_pixart_preset.py)",
-            "notebooks": preset["notebooks"],
-            "parameters": {**preset["parameters"], "model": str(model_dir), "device": "cpu", "num_inference_steps": 4},
-            "notebook_parameters": notebook_parameters}
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pixart-preset")
-    tiny_pixart_like_the_512_model().save_pretrained(root / "tiny-pixart")
-    for index, (class_name, seed) in enumerate((c, s) for c in CLASSES for s in range(SEEDS)):
-        mask = np.zeros((SIZE, SIZE), np.uint8)
-        mask[32 + 8 * index: 160 + 8 * index, 40: 40 + 100 + 10 * index] = 255
-        (root / "masks").mkdir(exist_ok=True)
-        Image.fromarray(mask).save(root / "masks" / f"{sample_name(class_name, seed)}.png")
-    path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_preset(root / "tiny-pixart", root / "masks")))
-    return run_preset(path, root / "run", progress=False)
-
-
-def results(run_dir, notebook):
-    metadata = json.loads((run_dir / f"{notebook}.ipynb").read_text())["metadata"]["daamlib"]
-    assert metadata["status"] == "ok"
-    return metadata["results"]
+    return run_tiny_preset(PRESET, tiny_pixart_like_the_512_model(), SIZE, tmp_path_factory.mktemp("pixart-preset"),
+                           "tests/test_pixart_preset.py")
 
 
 def test_the_preset_uses_pixarts_own_settings():

@@ -241,16 +241,17 @@ def tiny_random_sd3_pipeline(seed: int = 0, sharpen: float = 1.0,
     return _finish(pipe, sharpen)
 
 
-def tiny_random_flux_pipeline(seed: int = 0, sharpen: float = 1.0, max_length: int = T5_MAX_LENGTH) -> FluxPipeline:
-    """Flux-dev-shaped: 1 double-stream and 1 single-stream block, 2 heads × 16, guidance embedding; the
-    transformer sees 2×2-packed latents (16 = 4 × 4 channels); text = T5 positions only (CLIP gives the
-    pooled vector), ``max_sequence_length`` of them (default 512), none masked."""
+def tiny_random_flux_pipeline(seed: int = 0, sharpen: float = 1.0, max_length: int = T5_MAX_LENGTH,
+                              guidance_embeds: bool = True) -> FluxPipeline:
+    """Flux-dev-shaped: 1 double-stream and 1 single-stream block, 2 heads × 16, guidance embedding (schnell-shaped
+    with ``guidance_embeds=False``); the transformer sees 2×2-packed latents (16 = 4 × 4 channels); text = T5
+    positions only (CLIP gives the pooled vector), ``max_sequence_length`` of them (default 512), none masked."""
     torch.manual_seed(seed)
     tokenizer_2 = build_t5_tokenizer(max_length)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=1, num_single_layers=1,
         attention_head_dim=FLUX_HEAD_DIM, num_attention_heads=HEADS, joint_attention_dim=T5_DIM,
-        pooled_projection_dim=TEXT_DIM, guidance_embeds=True, axes_dims_rope=FLUX_ROPE_AXES,
+        pooled_projection_dim=TEXT_DIM, guidance_embeds=guidance_embeds, axes_dims_rope=FLUX_ROPE_AXES,
     )
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULE), vae=tiny_vae(flow=FLUX_VAE_FACTORS),

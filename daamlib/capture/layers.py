@@ -89,10 +89,8 @@ def layer_resolution(num_positions: int, latent_size: tuple[int, int]) -> tuple[
     while height * width > num_positions and (height > 1 or width > 1):
         height, width = math.ceil(height / 2), math.ceil(width / 2)
     if height * width != num_positions:
-        raise ValueError(
-            f"a layer with {num_positions} positions does not fit a {latent_size} latent "
-            "downsampled by powers of two"
-        )
+        raise ValueError(f"a layer with {num_positions} positions does not fit a {latent_size} latent "
+                         "downsampled by powers of two")
     return height, width
 
 

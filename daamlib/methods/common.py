@@ -19,10 +19,8 @@ def check_record(record: Record, function: str = "this method") -> None:
     if isinstance(record, Record):
         return
     hint = " pass one of its records, e.g. records[0]" if isinstance(record, (list, tuple)) else ""
-    raise TypeError(
-        f"{function} takes a daamlib Record (from daamlib.generate or trace(...).records); "
-        f"got {type(record).__name__}.{hint}"
-    )
+    raise TypeError(f"{function} takes a daamlib Record (from daamlib.generate or trace(...).records); "
+                    f"got {type(record).__name__}.{hint}")
 
 
 def chosen_layers(record: Record, layers: Sequence[str] | None, available: Iterable[str]) -> list[LayerMeta]:
@@ -102,8 +100,6 @@ def word_indices(record: Record, word: str | int, occurrence: int = 0) -> list[i
             raise ValueError(f"occurrence={occurrence} applies to words; a token index ({word}) is one position already")
         return [check_token_index(record, word)]
     if not isinstance(word, str):
-        raise TypeError(
-            f"word is a word of the prompt (str, e.g. 'car' or '<eot>') or a token index (int); "
-            f"got {word!r} ({type(word).__name__})"
-        )
+        raise TypeError(f"word is a word of the prompt (str, e.g. 'car' or '<eot>') or a token index (int); "
+                        f"got {word!r} ({type(word).__name__})")
     return list(record.tokens.token_indices(word, occurrence))

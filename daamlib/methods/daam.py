@@ -84,15 +84,11 @@ def daam_02_layers(record: Record, layers: Sequence[str] | None = None) -> list[
             and record.latent_size[0] // layer.resolution[0] != _DAAM_02_SKIPPED_FACTOR]
     if layers is not None and len(used) < len(candidates):
         dropped = [layer.name for layer in candidates if layer not in used]
-        raise ValueError(
-            f"mode='daam-0.2' never uses layers {dropped} (mid block, or maps at 1/8 of the latent, as the "
-            "original package); drop them from layers=, or use mode='thesis'"
-        )
+        raise ValueError(f"mode='daam-0.2' never uses layers {dropped} (mid block, or maps at 1/8 of the latent, as the "
+                         "original package); drop them from layers=, or use mode='thesis'")
     if not used:
-        raise ValueError(
-            "no recorded layer is one daam 0.2.0 used (it skips the mid block and layers at 1/8 of the latent); "
-            "use mode='thesis'"
-        )
+        raise ValueError("no recorded layer is one daam 0.2.0 used (it skips the mid block and layers at 1/8 of the latent); "
+                         "use mode='thesis'")
     return used
 
 
@@ -103,9 +99,8 @@ def _check_mode(mode) -> None:
 
 def _index_list(record: Record, token_indices) -> list[int]:
     if isinstance(token_indices, (str, bytes)) or not hasattr(token_indices, "__iter__"):
-        raise TypeError(
-            f"token_maps takes a list of token positions; got {token_indices!r}. For a word use daamlib.daam(record, word)"
-        )
+        raise TypeError(f"token_maps takes a list of token positions; got {token_indices!r}. "
+                        "For a word use daamlib.daam(record, word)")
     indices = [check_token_index(record, index) for index in token_indices]
     if not indices:
         raise ValueError("token_indices is empty; pass at least one token position (e.g. record.tokens.token_indices('car'))")
@@ -115,10 +110,8 @@ def _index_list(record: Record, token_indices) -> list[int]:
 def _check_finite(maps: torch.Tensor) -> None:
     finite = torch.isfinite(maps)
     if not finite.all():
-        raise ValueError(
-            f"the DAAM maps have {int((~finite).sum())} NaN or inf values: the record's attention sums are not "
-            "finite (e.g. a record saved with dtype=torch.float16 that overflowed); trace again in float32"
-        )
+        raise ValueError(f"the DAAM maps have {int((~finite).sum())} NaN or inf values: the record's attention sums are not "
+                         "finite (e.g. a record saved with dtype=torch.float16 that overflowed); trace again in float32")
 
 
 def _thesis_maps(record, indices, layers, steps, upsample) -> torch.Tensor:

@@ -45,9 +45,7 @@ def linear_maps(record: Record, vectors: torch.Tensor) -> torch.Tensor:
         raise KeyError("the record has no linear matrix; trace with linear=True")
     matrix = record.linear_matrix.float()
     if vectors.ndim != 2 or vectors.shape[-1] != matrix.shape[-1]:
-        raise ValueError(
-            f"vectors must be [k, {matrix.shape[-1]}] (the model's conditioning size); got {tuple(vectors.shape)}"
-        )
+        raise ValueError(f"vectors must be [k, {matrix.shape[-1]}] (the model's conditioning size); got {tuple(vectors.shape)}")
     maps = vectors.to(matrix.device, matrix.dtype) @ matrix.T  # [k, H*W]
     if record.linear_bias is not None:
         maps = maps + record.linear_bias.to(matrix.device, torch.float32)

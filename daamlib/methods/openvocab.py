@@ -54,10 +54,8 @@ def openvocab(
         maps = openvocab_maps(record, encoded.embeddings[positions], pipe, layers=layers, steps=steps, upsample=upsample)
     else:
         stored = f"; phrases attached by re-run: {sorted(record.contexts)}" if record.contexts else ""
-        raise KeyError(
-            f"the record has no query cache and no re-run maps for {context!r}{stored}: trace with queries=True, "
-            f"or re-run the seeded generation inside trace(contexts=[{context!r}])"
-        )
+        raise KeyError(f"the record has no query cache and no re-run maps for {context!r}{stored}: trace with queries=True, "
+                       f"or re-run the seeded generation inside trace(contexts=[{context!r}])")
     maps = maps.detach().cpu()
     if word is None:
         return maps
@@ -135,9 +133,7 @@ def _stored_context_tokens(record: Record, context: str, include_padding: bool, 
     stored_padding = len(strings) > tokens.eot_index + 1
     if stored_padding != include_padding:
         attached = "with" if stored_padding else "without"
-        raise ValueError(
-            f"{context!r} was attached {attached} its padding keys (trace(context_padding={stored_padding})), so its "
-            f"softmax maps cannot be read with include_padding={include_padding}; pass include_padding={stored_padding} "
-            f"or re-run with context_padding={include_padding}"
-        )
+        raise ValueError(f"{context!r} was attached {attached} its padding keys (trace(context_padding={stored_padding})), "
+                         f"so its softmax maps cannot be read with include_padding={include_padding}; pass "
+                         f"include_padding={stored_padding} or re-run with context_padding={include_padding}")
     return tokens
