@@ -41,6 +41,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=0, help="images per class for the quick check (0: cosines only)")
     parser.add_argument("--dataset-dir", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--annotator", type=Path, default=None,
+                        help="ground-truth annotator (default: the model's own, else the shipped model's)")
+    parser.add_argument("--resize-annotator", action="store_true",
+                        help="label images of another size than the annotator was trained at at its size")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = args.model or toy_model_dir()
@@ -48,8 +52,10 @@ def main(argv=None) -> None:
     print(format_cosines(pipeline_cosines(pipe)))
     if args.seeds:
         dataset_dir = args.dataset_dir or data_dir() / "cache" / "toyworld-quick" / model_fingerprint(model_dir)
-        annotator_dir = model_dir / "annotator" if (model_dir / "annotator").exists() else toy_model_dir() / "annotator"
-        result = quick_check(pipe, Annotator.from_pretrained(annotator_dir), dataset_dir, args.seeds)
+        annotator_dir = args.annotator or (model_dir / "annotator" if (model_dir / "annotator").exists()
+                                           else toy_model_dir() / "annotator")
+        annotator = Annotator.from_pretrained(annotator_dir, resize=args.resize_annotator)
+        result = quick_check(pipe, annotator, dataset_dir, args.seeds)
         print(result["daam"].to_string(), result["fidelity"].to_string(), result["openvocab"].to_string(), sep="\n\n")
 
 

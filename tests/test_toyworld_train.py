@@ -1,5 +1,7 @@
 """The toy model's training script: every stage runs, checkpoints resume exactly, the export loads."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from daamlib.models import load_pipeline
 from daamlab.toyworld import labels as L
 from daamlab.toyworld import train as T
-from daamlab.toyworld.annotator import Annotator
+from daamlab.toyworld.annotator import LABEL_IDS, Annotator, seeded_segmentation_net
 from daamlab.toyworld.architecture import ToyArchitecture
 from daamlab.toyworld.dataset import reduce_scene
 from daamlab.toyworld.render import Scene
@@ -48,12 +50,14 @@ def test_two_steps_of_every_stage_run_and_export_a_loadable_pipeline(tmp_path):
     assert labels.shape == (1, TINY.image_size, TINY.image_size) and set(np.unique(labels)) <= set(L.NAMES)
 
 
-def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("checkpoints_elsewhere", [False, True], ids=["in the work dir", "in --checkpoint-dir, work dir lost"])
+def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch, checkpoints_elsewhere):
     straight = tiny_config(tmp_path / "straight", vae_steps=4)
     T.train(straight, stages=("data", "vae"))
     expected = T._load_checkpoint(straight.work_dir / "vae.checkpoint.safetensors")["modules"]["vae"]
 
-    interrupted = tiny_config(tmp_path / "interrupted", vae_steps=4)
+    checkpoint_dir = tmp_path / "kept" if checkpoints_elsewhere else None
+    interrupted = tiny_config(tmp_path / "interrupted", vae_steps=4, checkpoint_dir=checkpoint_dir)
     save = T._Stage.save
 
     def save_then_die(stage):
@@ -65,8 +69,11 @@ def test_a_killed_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         T.train(interrupted, stages=("data", "vae"))
     monkeypatch.setattr(T._Stage, "save", save)
-    T.train(interrupted, stages=("vae",))
-    resumed = T._load_checkpoint(interrupted.work_dir / "vae.checkpoint.safetensors")
+    if checkpoints_elsewhere:  # a fresh machine: only the checkpoint folder survived, the scenes are rendered again
+        assert not (interrupted.work_dir / "vae.checkpoint.safetensors").exists()
+        shutil.rmtree(interrupted.work_dir)
+    T.train(interrupted, stages=("data", "vae"))
+    resumed = T._load_checkpoint((checkpoint_dir or interrupted.work_dir) / "vae.checkpoint.safetensors")
     assert resumed["step"] == 4
     for name, tensor in expected.items():
         torch.testing.assert_close(resumed["modules"]["vae"][name], tensor, rtol=0, atol=0)
@@ -104,3 +111,16 @@ def test_a_work_dir_refuses_scenes_of_another_variety(tmp_path):
 def test_unknown_stage_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown stages"):
         T.train(tiny_config(tmp_path), stages=("vae", "decoder"))
+
+
+def test_an_annotator_refuses_another_image_size_unless_told_to_resize(tmp_path):
+    net = seeded_segmentation_net((8, 8, 8), len(LABEL_IDS), torch.Generator().manual_seed(0))
+    Annotator(net, image_size=8).save_pretrained(tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="trained on 8 x 8 scenes.*--image-size 16"):
+        Annotator.from_pretrained(tmp_path)(images)
+    resizing = Annotator.from_pretrained(tmp_path, resize=True)
+    labels = resizing(images)
+    averaged = images.astype(np.float64).reshape(2, 8, 2, 8, 2, 3).mean(axis=(2, 4))  # 2x2 blocks, as the renderer reduces
+    small = Annotator(resizing.net)(averaged.astype(np.float32))  # float images in [0, 255] are read as uint8 ones are
+    np.testing.assert_array_equal(labels, small.repeat(2, axis=1).repeat(2, axis=2))

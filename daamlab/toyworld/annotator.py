@@ -97,40 +97,56 @@ def images_to_tensor(images) -> torch.Tensor:
 
 
 class Annotator:
-    """Labels images with the toy world's train ids (``labels.NAMES``)."""
+    """Labels images with the toy world's train ids (``labels.NAMES``).
 
-    def __init__(self, net: SegmentationNet, device: str | torch.device = "cpu") -> None:
+    ``image_size`` is the side of the scenes it was trained on (None: not recorded, as in annotators saved before
+    it was). Images of another size are refused, since the objects' scale in pixels is what the network learned,
+    unless ``resize=True``: then they are area-averaged to that size (as the renderer reduces its supersampled
+    scenes) and the labels are scaled back with nearest neighbours."""
+
+    def __init__(self, net: SegmentationNet, device: str | torch.device = "cpu", image_size: int | None = None,
+                 resize: bool = False) -> None:
         self.net = net.to(device).eval()
         self.device = torch.device(device)
+        self.image_size, self.resize = image_size, resize
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Annotator":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu", resize: bool = False) -> "Annotator":
         directory = Path(directory)
         if not (directory / WEIGHTS_NAME).exists():
-            raise FileNotFoundError(
-                f"no annotator in {directory}; train it with `python -m daamlab.toyworld.train --stages annotator`"
-            )
+            raise FileNotFoundError(f"no annotator in {directory}; train it with "
+                                    "`python -m daamlab.toyworld.train --stages annotator`")
         config = json.loads((directory / CONFIG_NAME).read_text())
         net = SegmentationNet(tuple(config["channels"]), len(config["label_ids"]))
         net.load_state_dict(load_file(directory / WEIGHTS_NAME))
-        return cls(net, device)
+        return cls(net, device, config.get("image_size"), resize)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().to("cpu", torch.float16).contiguous() for name, tensor in self.net.state_dict().items()}
         save_safetensors(state, directory / WEIGHTS_NAME)
-        write_json(directory / CONFIG_NAME, {"channels": list(self.net.channels), "label_ids": list(LABEL_IDS)})
+        config = {"channels": list(self.net.channels), "label_ids": list(LABEL_IDS)}
+        write_json(directory / CONFIG_NAME, config if self.image_size is None else {**config, "image_size": self.image_size})
 
     @torch.no_grad()
     def __call__(self, images, batch_size: int = 64) -> np.ndarray:
         """Train-id label maps uint8 [N, H, W] for ``images`` (see ``images_to_tensor``)."""
-        pixels = images_to_tensor(images)
+        pixels = images_to_tensor(images)  # [N, 3, H, W]
+        size = tuple(pixels.shape[-2:])
+        trained = None if self.image_size is None else (self.image_size, self.image_size)
+        if trained is not None and size != trained and not self.resize:
+            raise ValueError(f"this annotator was trained on {self.image_size} x {self.image_size} scenes and the images are "
+                             f"{size[0]} x {size[1]}; train one at their size (train --stages annotator --image-size "
+                             f"{size[0]}), or pass resize=True to label them at {self.image_size} px and scale the labels back")
         lookup = torch.tensor(LABEL_IDS, dtype=torch.uint8)
         labels = []
         for batch in pixels.split(batch_size):
+            if trained is not None and size != trained:
+                batch = F.interpolate(batch, size=trained, mode="area")
             logits = self.net(batch.to(self.device, next(self.net.parameters()).dtype))
-            labels.append(lookup[logits.argmax(dim=1).cpu()])
+            channels = logits.argmax(dim=1, keepdim=True).float()  # [n, 1, h, w]
+            labels.append(lookup[F.interpolate(channels, size=size, mode="nearest")[:, 0].long().cpu()])
         return torch.cat(labels).numpy()
 
 

@@ -83,6 +83,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     checkpoint_every: int = 100
+    checkpoint_dir: Path | None = None  # where the stages' resumable checkpoints go (None: the work directory)
     export_every: int = 500
     device: str = field(default_factory=lambda: default_device().type)
     progress: bool = True
@@ -173,7 +174,7 @@ class _Stage:
         self.name, self.config, self.modules, self.optimizer, self.total = name, config, modules, optimizer, total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, total))
         self.extra_state = extra_state or {}
-        self.path = config.work_dir / f"{name}.checkpoint.safetensors"
+        self.path = (config.checkpoint_dir or config.work_dir) / f"{name}.checkpoint.safetensors"
         self.losses: list[float] = []
         self.step = 0
         self.seconds = 0.0
@@ -329,7 +330,7 @@ def train_annotator(config: TrainConfig, vae: AutoencoderKL) -> dict:
         return F.cross_entropy(net(images.to(config.device)), channel_of_label[labels].to(config.device))
 
     stage.run(step_fn)
-    annotator = Annotator(net.to("cpu"), "cpu")
+    annotator = Annotator(net.to("cpu"), "cpu", image_size=config.architecture.image_size)
     predicted = annotator(held_out.images)
     scores = dataset_iou(predicted, held_out.labels)
     report = {"steps": stage.step, "seconds": stage.seconds, "final_loss": float(np.mean(stage.losses[-50:])),
@@ -560,6 +561,8 @@ def train(config: TrainConfig, stages=STAGES, reuse_from: Path | None = None) ->
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
     config.work_dir.mkdir(parents=True, exist_ok=True)
+    if config.checkpoint_dir is not None:
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if "data" in stages:
         train_data(config)
     if reuse_from is not None:
@@ -579,6 +582,9 @@ def main(argv=None) -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--output-dir", type=Path, default=defaults.output_dir)
     parser.add_argument("--work-dir", type=Path, default=defaults.work_dir)
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="write the resumable checkpoints here instead of the work directory (e.g. a folder kept in git, "
+                             "so that a later session on a fresh machine resumes; everything else in the work dir is re-derived)")
     for name in ("seed", "num_scenes", "num_held_out", "vae_steps", "annotator_steps", "unet_steps", "batch_size", "vae_batch_size",
                  "checkpoint_every", "export_every", "textenc_steps", "textenc_batch_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
@@ -596,7 +602,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
-        output_dir=args.output_dir, work_dir=args.work_dir, architecture=ToyArchitecture(image_size=args.image_size),
+        output_dir=args.output_dir, work_dir=args.work_dir, checkpoint_dir=args.checkpoint_dir,
+        architecture=ToyArchitecture(image_size=args.image_size),
         seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
         annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size,
