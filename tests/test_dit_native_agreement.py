@@ -165,8 +165,9 @@ def naive_native(calls, layer, row, tokens, grid, calls_per_step, parity):
     return total.reshape(grid)
 
 
-@pytest.mark.parametrize("family,config", CASES, ids=[f"{family}: {config.name}" for family, config in CASES])
-def test_native_daam_equals_the_models_attention_on_every_layer(family, config):
+def recorded_pipeline(family, config):
+    """The case's tiny pipeline, a function that runs it (seeded), and every attention call of one run, recorded
+    plainly (tests/naive.py); with the calls per step and the traced row of the batch."""
     pipe, call, text_length, calls_per_step, row = FAMILIES[family](config)
     if config.sharpen != 1.0:
         sharpen_attention(pipe.transformer, config.sharpen)
@@ -177,6 +178,12 @@ def test_native_daam_equals_the_models_attention_on_every_layer(family, config):
                     height=config.height, width=config.width, output_type="np", **call).images
 
     calls, _ = record_everything(pipe, run, text_length=text_length)
+    return pipe, run, calls, calls_per_step, row
+
+
+@pytest.mark.parametrize("family,config", CASES, ids=[f"{family}: {config.name}" for family, config in CASES])
+def test_native_daam_equals_the_models_attention_on_every_layer(family, config):
+    pipe, run, calls, calls_per_step, row = recorded_pipeline(family, config)
     cfg = {"cfg": config.guidance_scale > 1} if family == "pixart-sigma" else {}
     with daamlib.trace(pipe, branch=config.branch, **cfg) as tr:
         run()
@@ -214,16 +221,7 @@ LINEAR_CASES = [(family, config) for family, config in CASES if family in ("flux
 def test_linear_daam_of_joint_attention_is_the_models_logits_summed(family, config, tmp_path):
     """Linear DAAM on SD3 and Flux: sum over steps, blocks and heads of up(q . k_word), the logits the model's softmax
     reads (unscaled), from each block's own text keys; averaged over the word's tokens."""
-    pipe, call, text_length, calls_per_step, row = FAMILIES[family](config)
-    if config.sharpen != 1.0:
-        sharpen_attention(pipe.transformer, config.sharpen)
-    pipe.set_progress_bar_config(disable=True)
-
-    def run():
-        return pipe(prompt=PROMPT, generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS,
-                    height=config.height, width=config.width, output_type="np", **call).images
-
-    calls, _ = record_everything(pipe, run, text_length=text_length)
+    pipe, run, calls, calls_per_step, row = recorded_pipeline(family, config)
     with daamlib.trace(pipe, branch=config.branch, daam=False, linear=True) as tr:
         run()
     (traced,) = tr.records
