@@ -124,3 +124,20 @@ def test_an_annotator_refuses_another_image_size_unless_told_to_resize(tmp_path)
     averaged = images.astype(np.float64).reshape(2, 8, 2, 8, 2, 3).mean(axis=(2, 4))  # 2x2 blocks, as the renderer reduces
     small = Annotator(resizing.net)(averaged.astype(np.float32))  # float images in [0, 255] are read as uint8 ones are
     np.testing.assert_array_equal(labels, small.repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_a_checkpoint_made_under_another_recipe_is_refused(tmp_path):
+    kept = tmp_path / "kept"
+
+    def stage(config, total):
+        net = torch.nn.Linear(2, 2)
+        return T._Stage("probe", config, {"net": net}, torch.optim.SGD(net.parameters(), lr=0.1), total)
+
+    first = tiny_config(tmp_path / "first", checkpoint_dir=kept)
+    written = stage(first, 4)
+    written.step = 3
+    written.save()
+    resumed = stage(tiny_config(tmp_path / "elsewhere", checkpoint_dir=kept, unet_steps=8), 8)  # same recipe, more steps
+    assert resumed.step == 3
+    with pytest.raises(ValueError, match=r"other \['scene_variety'\].*its own --checkpoint-dir"):
+        stage(tiny_config(tmp_path / "varied", checkpoint_dir=kept, scene_variety=0.3), 4)

@@ -106,6 +106,16 @@ class TrainConfig:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+# What a checkpoint was trained on: a resumed stage must share it (step counts may grow, paths and devices may change).
+RESUME_RECIPE = ("architecture", "seed", "num_scenes", "scene_variety", "spatial_caption_share", "frozen_text_encoder",
+                 "unet_init", "caption_dropout")
+
+
+def _recipe(config: "TrainConfig") -> dict:
+    settings = asdict(config)
+    return json.loads(json.dumps({name: settings[name] for name in RESUME_RECIPE}, default=str))
+
+
 def _save_checkpoint(state: dict, path: Path) -> None:
     """Nested training state as safetensors (its tensors) + JSON (everything else), in one atomic file."""
     tensors: dict[str, torch.Tensor] = {}
@@ -179,6 +189,12 @@ class _Stage:
         self.step = 0
         self.seconds = 0.0
         checkpoint = _load_checkpoint(self.path)
+        stored = None if checkpoint is None else checkpoint.get("recipe")  # None: written before recipes were kept
+        if stored is not None and stored != _recipe(config):
+            changed = sorted(name for name in RESUME_RECIPE if stored.get(name) != _recipe(config)[name])
+            raise ValueError(f"{self.path} is a checkpoint of a run with other {changed} "
+                             f"({ {name: stored.get(name) for name in changed} }); resume it with that run's options, "
+                             "or give this run its own --checkpoint-dir (or --work-dir)")
         if checkpoint is not None:
             for key, module in modules.items():
                 module.load_state_dict(checkpoint["modules"][key])
@@ -193,7 +209,7 @@ class _Stage:
             "modules": {key: module.state_dict() for key, module in self.modules.items()},
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "extra": {key: module.state_dict() for key, module in self.extra_state.items()},
-            "step": self.step, "losses": self.losses, "seconds": self.seconds,
+            "step": self.step, "losses": self.losses, "seconds": self.seconds, "recipe": _recipe(self.config),
         }, self.path)
 
     def run(self, step_fn, after_step=None, on_checkpoint=None) -> None:
