@@ -190,11 +190,12 @@ class _Stage:
         self.seconds = 0.0
         checkpoint = _load_checkpoint(self.path)
         stored = None if checkpoint is None else checkpoint.get("recipe")  # None: written before recipes were kept
-        if stored is not None and stored != _recipe(config):
-            changed = sorted(name for name in RESUME_RECIPE if stored.get(name) != _recipe(config)[name])
-            raise ValueError(f"{self.path} is a checkpoint of a run with other {changed} "
-                             f"({ {name: stored.get(name) for name in changed} }); resume it with that run's options, "
-                             "or give this run its own --checkpoint-dir (or --work-dir)")
+        recipe = _recipe(config)
+        if stored is not None and stored != recipe:
+            changed = sorted(name for name in RESUME_RECIPE if stored.get(name) != recipe[name])
+            theirs = {name: stored.get(name) for name in changed}
+            raise ValueError(f"{self.path} is a checkpoint of a run with other {changed} ({theirs}); resume it with "
+                             "that run's options, or give this run its own --checkpoint-dir (or --work-dir)")
         if checkpoint is not None:
             for key, module in modules.items():
                 module.load_state_dict(checkpoint["modules"][key])
