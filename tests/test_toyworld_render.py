@@ -114,3 +114,61 @@ def test_background_captions_name_present_things_and_absent_ones_with_no():
                     seen["present"] += 1
                     assert pixels >= 20, (text, word, pixels)
     assert seen["present"] > 20 and seen["absent"] > 20, seen
+
+
+def test_attributes_keep_the_layout_and_paint_each_background_thing_its_named_colour():
+    """attributes=True changes no label and no main-object pixel; each background thing's typical pixel,
+    divided by the scene's brightness, lies within the renderer's spread of its named base colour (the
+    spreads: sky 25, building 20, sidewalk 12, road 10, leaves 20; +2 for rounding), and the default
+    scene names only the main object's colour."""
+    from daamlab.toyworld.render import BACKGROUND_COLOURS, LAMPS, VIVID
+
+    spread = {"building": 20, "sidewalk": 12, "road": 10, "tree": 20}
+    seen = {thing: set() for thing in BACKGROUND_COLOURS}
+    labels_of_words = {word: label for label, word in L.BACKGROUND_WORDS.items()}
+    for seed in range(24):
+        name = L.MAIN_CLASSES[seed % 4]
+        plain, coloured = render_scene(name, seed), render_scene(name, seed, attributes=True)
+        assert np.array_equal(plain.labels, coloured.labels)
+        main = plain.mask(name)
+        assert np.array_equal(plain.image[main], coloured.image[main])
+        assert set(plain.attributes) == {name} and plain.attributes[name] in (LAMPS if name == "traffic light" else VIVID)
+        assert coloured.attributes[name] == plain.attributes[name]
+        for thing, colour in coloured.attributes.items():
+            if thing == name:
+                continue
+            seen[thing].add(colour)
+            pixels = coloured.image[coloured.labels == labels_of_words[thing]]
+            if thing == "sky":  # the top row is the gradient's top colour
+                typical, base, tolerance = coloured.image[0][coloured.labels[0] == L.SKY], BACKGROUND_COLOURS["sky"][colour][0], 25
+            else:
+                typical, base, tolerance = pixels, BACKGROUND_COLOURS[thing][colour], spread[thing]
+            median = np.median(typical.astype(np.float32), axis=0)
+            unclipped = median < 255
+            offset = np.abs(median / coloured.brightness - np.asarray(base))[unclipped]
+            assert (offset <= tolerance + 2).all(), (seed, thing, colour, median, coloured.brightness)
+    assert all(len(names) >= 2 for names in seen.values()), seen
+
+
+def test_attribute_captions_name_each_colour_with_its_own_thing():
+    """Every "<colour> <word>" in an attribute caption is the colour the scene gave that word; the main
+    object is named with its colour in most captions, and captions without attributes name no colour."""
+    import re
+
+    from daamlab.toyworld.render import BACKGROUND_COLOURS, LAMPS, VIVID
+
+    colours = set(VIVID) | set(LAMPS) | {c for names in BACKGROUND_COLOURS.values() for c in names}
+    words = list(L.MAIN_CLASSES) + list(L.BACKGROUND_WORDS.values())
+    pattern = re.compile(rf"\b({'|'.join(sorted(colours))}) ({'|'.join(words)})\b")
+    named_main, total = 0, 0
+    for seed in SEEDS:
+        scene = render_scene(L.MAIN_CLASSES[seed % 4], seed, attributes=True)
+        for k in range(3):
+            text = caption(scene, seed * 3 + k, name_attributes=True)
+            pairs = pattern.findall(text)
+            assert all(scene.attributes[word] == colour for colour, word in pairs), (text, scene.attributes)
+            named_main += any(word == scene.main_class for _, word in pairs)
+            total += 1
+            assert not pattern.search(caption(scene, seed * 3 + k)), "a caption without name_attributes names a colour"
+            assert re.search(r"\ba [aeiou]", text) is None and re.search(r"\ban [^aeiou]", text) is None, text
+    assert 0.5 < named_main / total < 0.95, named_main / total

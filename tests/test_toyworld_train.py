@@ -1,5 +1,6 @@
 """The toy model's training script: every stage runs, checkpoints resume exactly, the export loads."""
 
+import re
 import shutil
 
 import numpy as np
@@ -11,7 +12,7 @@ from daamlab.toyworld import labels as L
 from daamlab.toyworld import train as T
 from daamlab.toyworld.annotator import LABEL_IDS, Annotator, seeded_segmentation_net
 from daamlab.toyworld.architecture import ToyArchitecture
-from daamlab.toyworld.dataset import reduce_scene
+from daamlab.toyworld.dataset import SceneSet, reduce_scene
 from daamlab.toyworld.render import Scene
 
 TINY = ToyArchitecture(image_size=32, vae_channels=(16, 16), unet_channels=(16, 32, 32), text_hidden_size=32)
@@ -141,3 +142,13 @@ def test_a_checkpoint_made_under_another_recipe_is_refused(tmp_path):
     assert resumed.step == 3
     with pytest.raises(ValueError, match=r"other \['scene_variety'\].*its own --checkpoint-dir"):
         stage(tiny_config(tmp_path / "varied", checkpoint_dir=kept, scene_variety=0.3), 4)
+
+
+def test_a_work_dir_refuses_scenes_rendered_without_attributes(tmp_path):
+    T.train(tiny_config(tmp_path, num_scenes=4, num_held_out=2), stages=("data",))
+    with pytest.raises(ValueError, match="rendered with .*'scene_attributes': False.*--scene-attributes"):
+        T.train(tiny_config(tmp_path, num_scenes=4, num_held_out=2, scene_attributes=True), stages=("data",))
+    T.train(tiny_config(tmp_path / "coloured", num_scenes=4, num_held_out=2, scene_attributes=True), stages=("data",))
+    scenes = SceneSet.load(tiny_config(tmp_path / "coloured").scenes_path)
+    assert any(re.search(r"\b(red|blue|yellow|white|black|green|grey) (car|person|rider|traffic light)\b", text)
+               for texts in scenes.captions for text in texts), scenes.captions

@@ -29,36 +29,53 @@ def thesis_prompt(class_name: str) -> str:
     return THESIS_TEMPLATE.format(object=class_name)
 
 
-_ARTICLE = {"building": "a building", "tree": "a tree", "sidewalk": "the sidewalk", "road": "the road", "sky": "the sky"}
+_DEFINITE = {"sidewalk", "road", "sky"}  # named with "the"; buildings and trees with "a"
+
+
+def named(word: str, colour: str | None = None) -> str:
+    """The word with its article and, if given, its colour: "a tree", "an orange tree", "the grey road"."""
+    phrase = f"{colour} {word}" if colour else word
+    if word in _DEFINITE:
+        return "the " + phrase
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def background_phrases(labels: np.ndarray, rng: np.random.Generator, name_present: float = 0.5,
-                       name_absent: float = 0.7) -> list[str]:
-    """Phrases for the background things, each present one ("a tree") named with probability ``name_present``
-    and each absent one ("no tree") with ``name_absent``; the singular word in both, so that an absent
-    thing is named by the same token as a present one (labels uint8 [S, S])."""
+                       name_absent: float = 0.7, colours: dict[str, str] | None = None) -> list[str]:
+    """Phrases for the background things, each present one ("a tree", or "an orange tree" when ``colours``
+    names its colour) named with probability ``name_present`` and each absent one ("no tree") with
+    ``name_absent``; the singular word in both, so that an absent thing is named by the same token as a
+    present one (labels uint8 [S, S])."""
     phrases = []
     for label, word in L.BACKGROUND_WORDS.items():
         present = (labels == label).sum() >= _MIN_PIXELS
         if rng.random() < (name_present if present else name_absent):
-            phrases.append(_ARTICLE[word] if present else f"no {word}")
+            phrases.append(named(word, (colours or {}).get(word)) if present else f"no {word}")
     return [phrases[i] for i in rng.permutation(len(phrases))]
 
 
-def caption(scene: Scene, seed: int, name_background: bool = False) -> str:
+ATTRIBUTE_SHARE = 0.75  # how often a caption with ``name_attributes`` names a colour it knows
+
+
+def caption(scene: Scene, seed: int, name_background: bool = False, name_attributes: bool = False) -> str:
     """A seeded caption for ``scene``: a paraphrase of the thesis prompt, or one naming another thing;
     with ``name_background``, two in three captions go on to say which background things are there and
-    which are not ("... with a tree and no building"), for scenes that vary them."""
+    which are not ("... with a tree and no building"), for scenes that vary them. With ``name_attributes``
+    the colours in ``scene.attributes`` are named, each with probability ``ATTRIBUTE_SHARE`` ("a red car in
+    a city street"), and two in three captions go on to name background things, with their colours where
+    the scene has them ("... with an orange sky and a grey building")."""
     rng = np.random.default_rng([seed, 7])
-    text = _object_caption(scene, rng)
-    if name_background and rng.random() < 2 / 3:
-        phrases = [phrase for phrase in background_phrases(scene.labels, rng) if phrase.split()[-1] not in text.split()]
+    colours = {word: colour for word, colour in scene.attributes.items() if rng.random() < ATTRIBUTE_SHARE} if name_attributes else {}
+    text = _object_caption(scene, rng, colours.get(scene.main_class))
+    if (name_background or name_attributes) and rng.random() < 2 / 3:
+        phrases = background_phrases(scene.labels, rng, name_absent=0.7 if name_background else 0.0, colours=colours)
+        phrases = [phrase for phrase in phrases if phrase.split()[-1] not in text.split()]
         if phrases:
             text += " with " + " and ".join(phrases)
     return text
 
 
-def _object_caption(scene: Scene, rng: np.random.Generator) -> str:
+def _object_caption(scene: Scene, rng: np.random.Generator, colour: str | None = None) -> str:
     others = [
         word
         for label, word in L.CAPTION_WORDS.items()
@@ -66,8 +83,19 @@ def _object_caption(scene: Scene, rng: np.random.Generator) -> str:
     ]
     if others and rng.random() < 0.5:
         template = WITH_OTHERS[rng.integers(len(WITH_OTHERS))]
-        return template.format(object=scene.main_class, other=others[rng.integers(len(others))])
-    return PARAPHRASES[rng.integers(len(PARAPHRASES))].format(object=scene.main_class)
+        text = template.format(object=scene.main_class, other=others[rng.integers(len(others))])
+    else:
+        text = PARAPHRASES[rng.integers(len(PARAPHRASES))].format(object=scene.main_class)
+    return _colour_first_mention(text, scene.main_class, colour)
+
+
+def _colour_first_mention(text: str, word: str, colour: str | None) -> str:
+    """``text`` with ``colour`` put before the first "a ``word``" ("a car" -> "a red car"; the article mended)."""
+    if colour is None:
+        return text
+    if f"a {word}" not in text:
+        raise ValueError(f"caption {text!r} does not name 'a {word}'")
+    return text.replace(f"a {word}", named(word, colour), 1)
 
 
 # -- spatial captions: what is where, from the exact labels ---------------------------------------

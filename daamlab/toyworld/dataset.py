@@ -59,19 +59,21 @@ def reduce_scene(scene: Scene, factor: int) -> tuple[np.ndarray, np.ndarray]:
 
 def render_scene_set(
     num_scenes: int, image_size: int, first_seed: int = 0, captions_per_scene: int = 3, progress: bool = True,
-    variety: float = 0.0,
+    variety: float = 0.0, attributes: bool = False,
 ) -> SceneSet:
     """``num_scenes`` scenes cycling through the main classes, seeds ``first_seed, first_seed + 1, ...``;
-    with ``variety`` > 0 the scenes vary their background things and the captions say which they hold."""
+    with ``variety`` > 0 the scenes vary their background things and the captions say which they hold;
+    with ``attributes`` the background things take named colours and the captions name colours."""
     images = np.empty((num_scenes, image_size, image_size, 3), np.uint8)
     label_maps = np.empty((num_scenes, image_size, image_size), np.uint8)
     classes = np.arange(num_scenes) % len(L.MAIN_CLASSES)
     seeds = first_seed + np.arange(num_scenes)
     captions = []
     for index in tqdm(range(num_scenes), desc="render scenes", disable=not progress):
-        scene = render_scene(L.MAIN_CLASSES[classes[index]], int(seeds[index]), image_size * RENDER_FACTOR, variety)
+        scene = render_scene(L.MAIN_CLASSES[classes[index]], int(seeds[index]), image_size * RENDER_FACTOR, variety, attributes)
         images[index], label_maps[index] = reduce_scene(scene, RENDER_FACTOR)
-        reduced = Scene(images[index], label_maps[index], scene.main_class)
-        captions.append([caption(reduced, int(seeds[index]) * captions_per_scene + k, name_background=variety > 0)
+        reduced = Scene(images[index], label_maps[index], scene.main_class, attributes=scene.attributes)
+        captions.append([caption(reduced, int(seeds[index]) * captions_per_scene + k, name_background=variety > 0,
+                                 name_attributes=attributes)
                          for k in range(captions_per_scene)])
     return SceneSet(images, label_maps, classes, seeds, captions)

@@ -79,6 +79,7 @@ class TrainConfig:
     unet_init: Path | None = None  # a pipeline directory whose UNet weights start the unet stage
     spatial_caption_share: float = 0.0  # share of unet-stage captions that say what is where
     scene_variety: float = 0.0  # probability that a scene leaves out each background thing (render.BACKGROUND_THINGS)
+    scene_attributes: bool = False  # background things take named colours and captions name colours (render_scene(attributes=True))
     caption_dropout: float = 0.1  # empty prompts, for classifier-free guidance
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -107,7 +108,7 @@ class TrainConfig:
 
 # -- helpers -------------------------------------------------------------------------------------
 # What a checkpoint was trained on: a resumed stage must share it (step counts may grow, paths and devices may change).
-RESUME_RECIPE = ("architecture", "seed", "num_scenes", "scene_variety", "spatial_caption_share", "frozen_text_encoder",
+RESUME_RECIPE = ("architecture", "seed", "num_scenes", "scene_variety", "scene_attributes", "spatial_caption_share", "frozen_text_encoder",
                  "unet_init", "caption_dropout")
 
 
@@ -238,21 +239,22 @@ class _Stage:
 
 # -- stages --------------------------------------------------------------------------------------
 def _check_scene_recipe(config: TrainConfig) -> None:
-    """Refuse a work directory whose scenes were rendered with another variety or size, so that one run's
-    scenes are never trained on under another run's recipe (work directories from before ``scene_variety``
-    have no recipe file; they hold scenes of variety 0)."""
-    recipe = {"scene_variety": config.scene_variety, "image_size": config.architecture.image_size}
+    """Refuse a work directory whose scenes were rendered with another variety, attributes or size, so that one
+    run's scenes are never trained on under another run's recipe (work directories from before ``scene_variety``
+    have no recipe file; they hold scenes of variety 0; those from before ``scene_attributes`` hold none)."""
+    recipe = {"scene_variety": config.scene_variety, "scene_attributes": config.scene_attributes,
+              "image_size": config.architecture.image_size}
     path = config.work_dir / "scenes.json"
     if path.exists():
-        stored = json.loads(path.read_text())
+        stored = {"scene_attributes": False, **json.loads(path.read_text())}
     elif config.scenes_path.exists():
-        stored = {"scene_variety": 0.0, "image_size": SceneSet.load(config.scenes_path).images.shape[1]}
+        stored = {"scene_variety": 0.0, "scene_attributes": False, "image_size": SceneSet.load(config.scenes_path).images.shape[1]}
     else:
         write_json(path, recipe)
         return
     if stored != recipe:
         raise ValueError(f"the scenes in {config.work_dir} were rendered with {stored}, this run asks for {recipe}; "
-                         "pass the same --scene-variety/--image-size or a new --work-dir")
+                         "pass the same --scene-variety/--scene-attributes/--image-size or a new --work-dir")
 
 
 def train_data(config: TrainConfig) -> None:
@@ -262,10 +264,10 @@ def train_data(config: TrainConfig) -> None:
     size = config.architecture.image_size
     if not config.scenes_path.exists():
         render_scene_set(config.num_scenes, size, first_seed=0, progress=config.progress,
-                         variety=config.scene_variety).save(config.scenes_path)
+                         variety=config.scene_variety, attributes=config.scene_attributes).save(config.scenes_path)
     if not config.held_out_path.exists():
         render_scene_set(config.num_held_out, size, HELD_OUT_FIRST_SEED, progress=config.progress,
-                         variety=config.scene_variety).save(config.held_out_path)
+                         variety=config.scene_variety, attributes=config.scene_attributes).save(config.held_out_path)
 
 
 def train_vae(config: TrainConfig) -> AutoencoderKL:
@@ -613,6 +615,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ema-decay", type=float, default=defaults.ema_decay)
     parser.add_argument("--scene-variety", type=float, default=defaults.scene_variety,
                         help="probability that a training scene leaves out each background thing (0: every scene has them all)")
+    parser.add_argument("--scene-attributes", action="store_true",
+                        help="background things take named colours per scene and captions name the colours (\"a red car ... with an orange sky\")")
     parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator (and, with --frozen-text-encoder, the text encoder) of this pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
@@ -628,6 +632,7 @@ def main(argv=None) -> None:
         textenc_steps=args.textenc_steps, textenc_batch_size=args.textenc_batch_size,
         frozen_text_encoder=args.frozen_text_encoder, unet_init=args.unet_init,
         spatial_caption_share=args.spatial_caption_share, ema_decay=args.ema_decay, scene_variety=args.scene_variety,
+        scene_attributes=args.scene_attributes,
     )
     train(config, args.stages, args.reuse_from)
 
