@@ -19,8 +19,8 @@ from .io import read_safetensors, save_safetensors
 from .tokens import PromptTokens
 
 FORMAT_NAME = "daamlib.record"
-FORMAT_VERSION = 3  # 2 added model_fingerprint, 3 concepts (ConceptAttention)
-_READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 2 added model_fingerprint, 3 concepts (ConceptAttention), 4 token_streams
+_READABLE_VERSIONS = (1, 2, 3, 4)
 _METADATA_KEY = "daamlib"
 
 
@@ -64,6 +64,7 @@ class RecordMeta:
     contexts: dict[str, list[str]] = field(default_factory=dict)  # phrase -> its key token strings
     concepts: list[str] = field(default_factory=list)  # ConceptAttention's concepts, the k columns of concept maps
     added_tokens: list[str] = field(default_factory=list)  # textual-inversion tokens of the prompt
+    token_streams: list[list] = field(default_factory=list)  # [name, first position] per text encoder (SD3: clip, t5)
     library_version: str = field(default_factory=library_version)
 
     def to_json(self) -> str:
@@ -198,7 +199,8 @@ class Record:
         if self.meta.token_ids is None:
             raise KeyError("this record has no prompt tokens (the pipeline was called with prompt_embeds); "
                            "address tokens by index instead of by word")
-        return PromptTokens(tuple(self.meta.token_ids), tuple(self.meta.token_strings), tuple(self.meta.added_tokens))
+        return PromptTokens(tuple(self.meta.token_ids), tuple(self.meta.token_strings), tuple(self.meta.added_tokens),
+                            tuple((name, int(start)) for name, start in self.meta.token_streams))
 
     @property
     def latent_size(self) -> tuple[int, int]:

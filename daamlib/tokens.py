@@ -62,12 +62,14 @@ class PromptTokens:
     ``ids`` and ``strings`` have the text encoder's full length (e.g. 77). ``sot_index`` is 0 for CLIP
     and ``None`` for T5, which has no start token. ``eot_index`` is the position of the first EOT
     after the words; everything after it is padding. ``added_tokens`` are the
-    prompt's tokens that were added to the tokenizer (textual inversion).
+    prompt's tokens that were added to the tokenizer (textual inversion). ``streams`` names the text
+    encoders whose tokens are joined, with the first position of each (SD3: ``(("clip", 0), ("t5", 77))``).
     """
 
     ids: tuple[int, ...]
     strings: tuple[str, ...]
     added_tokens: tuple[str, ...] = ()
+    streams: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.strings):
@@ -159,12 +161,32 @@ class PromptTokens:
             words.append(Word(text if self._is_sentencepiece else decode_piece(text), tuple(indices)))
         return tuple(words)
 
-    def token_indices(self, word: str | int, occurrence: int = 0) -> tuple[int, ...]:
+    def stream(self, name: str) -> tuple["PromptTokens", int]:
+        """The tokens of one text encoder (``"clip"``, ``"t5"``) and the position its tokens start at."""
+        names = [stream for stream, _ in self.streams]
+        if name not in names:
+            raise KeyError(f"this prompt has no {name!r} text stream; its streams: {names or 'one, unnamed'} (use stream=None)")
+        start, stop = [*(first for _, first in self.streams), self.length][names.index(name):][:2]
+        return PromptTokens(self.ids[start:stop], self.strings[start:stop], self.added_tokens), start
+
+    def token_indices(self, word: str | int, occurrence: int = 0, stream: str | None = None) -> tuple[int, ...]:
         """Token positions of ``word`` (one or more words, e.g. "traffic light"), or of a token index.
 
         ``occurrence`` picks among repeats (0 = first). SOT and EOT are addressed as ``"<sot>"`` and
-        ``"<eot>"`` (or the tokenizer's own strings).
+        ``"<eot>"`` (or the tokenizer's own strings). With several text streams (SD3: CLIP then T5) a word
+        is looked up in ``stream``; None: the first stream that holds the word (CLIP, then T5, e.g. when
+        CLIP cut a long prompt at 77 tokens). The positions say which stream was used.
         """
+        if isinstance(word, int) and stream is not None:
+            raise ValueError(f"stream={stream!r} applies to words; a token index ({word}) is one position already")
+        if isinstance(word, str) and (stream is not None or len(self.streams) > 1):
+            for name in [stream] if stream is not None else [name for name, _ in self.streams]:
+                tokens, start = self.stream(name)
+                try:
+                    return tuple(start + i for i in tokens.token_indices(word, occurrence))
+                except WordNotInPrompt:
+                    if stream is not None or name == self.streams[-1][0]:
+                        raise
         if isinstance(word, int):
             if not -self.length <= word < self.length:
                 raise IndexError(f"token index {word} is outside the {self.length} tokens")

@@ -161,6 +161,7 @@ class GenerationState:
                 token_ids=list(tokens[index].ids) if tokens else None,
                 token_strings=list(tokens[index].strings) if tokens else None,
                 added_tokens=list(tokens[index].added_tokens) if tokens else [],
+                token_streams=[list(stream) for stream in tokens[index].streams] if tokens else [],
                 latent_size=tuple(self.latent_size),
                 layers=list(self.layers.values()),
                 timesteps=timesteps,
@@ -193,7 +194,9 @@ class GenerationState:
             strings = [s for tokens in per_stream for s in tokens.strings]
             added = [a for tokens in per_stream for a in tokens.added_tokens]
             missing = num_tokens - len(ids)
-            prompts.append(PromptTokens(tuple(ids + [0] * missing), tuple(strings + ["<pad>"] * missing), tuple(added)))
+            starts = [sum(tokens.length for tokens in per_stream[:i]) for i in range(len(per_stream))]
+            names = tuple(("clip" if tokens.sot_index is not None else "t5", start) for tokens, start in zip(per_stream, starts))
+            prompts.append(PromptTokens(tuple(ids + [0] * missing), tuple(strings + ["<pad>"] * missing), tuple(added), names))
         for tokens in streams[0]:
             if tokens.maybe_truncated:
                 warnings.warn(

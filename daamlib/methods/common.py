@@ -89,17 +89,19 @@ def check_token_index(record: Record, index, what: str = "token index") -> int:
     return index % size
 
 
-def word_indices(record: Record, word: str | int, occurrence: int = 0) -> list[int]:
-    """Token positions of a word of the generating prompt, or a single validated token index."""
+def word_indices(record: Record, word: str | int, occurrence: int = 0, stream: str | None = None) -> list[int]:
+    """Token positions of a word of the generating prompt (in ``stream``, see ``PromptTokens.token_indices``),
+    or a single validated token index."""
     if isinstance(occurrence, bool) or not isinstance(occurrence, numbers.Integral):
         raise TypeError(f"occurrence is an int (0 = the first time the word appears); got {occurrence!r}")
     if occurrence < 0:
         raise ValueError(f"occurrence={occurrence} is negative; use 0 for the first time the word appears, 1 for the second, ...")
     if isinstance(word, numbers.Integral) and not isinstance(word, bool):
-        if occurrence != 0:
-            raise ValueError(f"occurrence={occurrence} applies to words; a token index ({word}) is one position already")
+        if occurrence != 0 or stream is not None:
+            what = f"occurrence={occurrence}" if occurrence != 0 else f"stream={stream!r}"
+            raise ValueError(f"{what} applies to words; a token index ({word}) is one position already")
         return [check_token_index(record, word)]
     if not isinstance(word, str):
         raise TypeError(f"word is a word of the prompt (str, e.g. 'car' or '<eot>') or a token index (int); "
                         f"got {word!r} ({type(word).__name__})")
-    return list(record.tokens.token_indices(word, occurrence))
+    return list(record.tokens.token_indices(word, occurrence, stream))

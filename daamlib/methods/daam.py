@@ -16,20 +16,13 @@ _DAAM_02_SKIPPED_FACTOR = 8  # daam 0.2.0 drops the layers 8x smaller than the l
 _DAAM_02_BLOCKS = ("down_blocks.", "up_blocks.")  # its locator walks these; it never hooks the mid block
 
 
-def daam(
-    record: Record,
-    word: str | int,
-    *,
-    occurrence: int = 0,
-    mode: Mode = "thesis",
-    layers: Sequence[str] | None = None,
-    steps: Sequence[int] | None = None,
-    upsample: str | None = None,
-) -> torch.Tensor:
+def daam(record: Record, word: str | int, *, occurrence: int = 0, stream: str | None = None, mode: Mode = "thesis",
+         layers: Sequence[str] | None = None, steps: Sequence[int] | None = None, upsample: str | None = None) -> torch.Tensor:
     """The DAAM heatmap of a word (or token index) of the generating prompt.  [H, W] (latent size)
 
     ``word`` is a word or words of the prompt ("car", "urban environment", "<sot>", "<eot>") or an
-    int token position; ``occurrence`` (>= 0) picks among repeats of a word. A multi-token word
+    int token position; ``occurrence`` (>= 0) picks among repeats of a word; ``stream`` ("clip", "t5") the text
+    encoder whose tokens are read on SD3 (None: CLIP, or T5 where CLIP lacks the word). A multi-token word
     averages its tokens' maps. ``layers`` / ``steps`` restrict the sum (None = all; an empty list
     is an error, not a zero map).
 
@@ -45,20 +38,13 @@ def daam(
     step), ``upsample`` may only be "bicubic", and ``layers`` may only name layers the mode uses.
     """
     check_record(record, "daam")
-    indices = word_indices(record, word, occurrence)
+    indices = word_indices(record, word, occurrence, stream)
     maps = token_maps(record, indices, mode=mode, layers=layers, steps=steps, upsample=upsample)
     return maps.mean(dim=0)
 
 
-def token_maps(
-    record: Record,
-    token_indices: Sequence[int],
-    *,
-    mode: Mode = "thesis",
-    layers: Sequence[str] | None = None,
-    steps: Sequence[int] | None = None,
-    upsample: str | None = None,
-) -> torch.Tensor:
+def token_maps(record: Record, token_indices: Sequence[int], *, mode: Mode = "thesis", layers: Sequence[str] | None = None,
+               steps: Sequence[int] | None = None, upsample: str | None = None) -> torch.Tensor:
     """DAAM maps of several token positions (ints, at least one).  [k, H, W]; see :func:`daam`."""
     check_record(record, "token_maps")
     _check_mode(mode)

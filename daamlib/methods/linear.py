@@ -25,15 +25,19 @@ _NO_JOINT_KEY = ("in the joint attention of SD3 and Flux every block reads its o
                  "words the prompt does not hold")
 
 
-def linear(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=None, occurrence: int = 0) -> torch.Tensor:
+def linear(record: Record, word_or_vector: str | int | torch.Tensor, *, pipe=None, occurrence: int = 0,
+           stream: str | None = None) -> torch.Tensor:
     """The linear DAAM heatmap of a word, token index or conditioning vector.  [H, W]
 
     A word of the generating prompt uses its contextual embedding from that prompt (averaged over
     its tokens); any other word is encoded alone by ``pipe``'s text encoder. On SD3 and Flux (joint attention) only
-    words and token indices of the prompt have maps: the mean over the word's tokens of the summed logits.
+    words and token indices of the prompt have maps: the mean over the word's tokens (in ``stream``, as for
+    ``daam``) of the summed logits.
     """
     if record.linear_matrix is None and record.linear_logits:
-        return _joint_linear(record, word_or_vector, occurrence)
+        return _joint_linear(record, word_or_vector, occurrence, stream)
+    if stream is not None:
+        raise ValueError(f"stream={stream!r} chooses among the text streams of SD3 and Flux; this record has one (drop it)")
     return linear_maps(record, word_vector(record, word_or_vector, pipe=pipe, occurrence=occurrence)[None])[0].detach().cpu()
 
 
@@ -78,12 +82,12 @@ def word_vector(record: Record, word_or_vector: str | int | torch.Tensor, *, pip
     return TextEncoder(pipe).word_vector(word_or_vector)
 
 
-def _joint_linear(record: Record, word: str | int, occurrence: int) -> torch.Tensor:
+def _joint_linear(record: Record, word: str | int, occurrence: int, stream: str | None) -> torch.Tensor:
     """sum over blocks of up(linear_logits[block][:, word's tokens]), averaged over the tokens.  [H, W]"""
     if isinstance(word, torch.Tensor):
         raise ValueError(_NO_JOINT_KEY.format(what="a conditioning vector"))
     try:
-        indices = word_indices(record, word, occurrence)
+        indices = word_indices(record, word, occurrence, stream)
     except WordNotInPrompt:
         raise KeyError(f"{word!r} is not in the prompt; " + _NO_JOINT_KEY.format(what="a word outside the prompt")) from None
     layers = chosen_layers(record, None, record.linear_logits)

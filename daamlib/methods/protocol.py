@@ -48,10 +48,10 @@ def vector_maps(record: Record, vectors: torch.Tensor, variant: str, pipe=None) 
     raise ValueError(f"variant must be 'linear' or 'softmax', not {variant!r}")
 
 
-def _prompt_tokens(record: Record, word: str | int, occurrence: int) -> tuple[str, ...]:
+def _prompt_tokens(record: Record, word: str | int, occurrence: int, stream: str | None = None) -> tuple[str, ...]:
     try:
         tokens = record.tokens
-        return tuple(tokens.strings[i] for i in tokens.token_indices(word, occurrence))
+        return tuple(tokens.strings[i] for i in tokens.token_indices(word, occurrence, stream))
     except (KeyError, IndexError):  # prompt embeddings (no token strings) or a word the prompt does not hold
         return (str(word),)
 
@@ -64,12 +64,13 @@ class DAAM:
     layers: Sequence[str] | None = None
     steps: Sequence[int] | None = None
     upsample: str | None = None
+    stream: str | None = None  # SD3's text stream to read ("clip", "t5"; None: see daam)
     name: str = "DAAM"
 
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
-        heatmap = daam(record, word, occurrence=occurrence, mode=self.mode, layers=self.layers, steps=self.steps,
-                       upsample=self.upsample)
-        return Attribution(heatmap, _prompt_tokens(record, word, occurrence), self.name)
+        heatmap = daam(record, word, occurrence=occurrence, stream=self.stream, mode=self.mode, layers=self.layers,
+                       steps=self.steps, upsample=self.upsample)
+        return Attribution(heatmap, _prompt_tokens(record, word, occurrence, self.stream), self.name)
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,13 @@ class LinearDAAM:
 
     pipe: Any = None
     min_max: bool = True
+    stream: str | None = None  # SD3's text stream to read, as for DAAM
     name: str = "Linear DAAM"
 
     def attribute(self, record: Record, word: str | int, occurrence: int = 0) -> Attribution:
-        heatmap = linear(record, word, pipe=self.pipe, occurrence=occurrence)
-        return Attribution(_min_max_linear(heatmap, "linear", self.min_max), _prompt_tokens(record, word, occurrence), self.name)
+        heatmap = linear(record, word, pipe=self.pipe, occurrence=occurrence, stream=self.stream)
+        return Attribution(_min_max_linear(heatmap, "linear", self.min_max), _prompt_tokens(record, word, occurrence, self.stream),
+                           self.name)
 
 
 @dataclass(frozen=True)
