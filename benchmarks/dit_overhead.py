@@ -31,7 +31,8 @@ LATENT_FACTOR = 8  # pixels per latent cell of these models' VAEs
 T5_POSITIONS = {"PixArt-alpha/PixArt-XL-2-512x512": 120, "stabilityai/stable-diffusion-3-medium-diffusers": 256,
                 "black-forest-labs/FLUX.1-dev": 512}
 CLIP_POSITIONS = 77
-OPTIONS = {"daam": {}, "daam + per_head": {"per_head": True}}
+OPTIONS = {"daam": {}, "daam + per_head": {"per_head": True}, "daam + linear": {"linear": True}}
+JOINT_OPTIONS = {"daam + self_attention": {"self_attention": True}}  # PCC's features: SD3 and Flux only (PixArt has none)
 
 
 def denoiser_inputs(name: str, transformer, size: int, device, dtype) -> dict:
@@ -76,12 +77,13 @@ def measure(name: str, size: int, device: str, dtype: torch.dtype, repeats: int)
                 transformer(**inputs)
         return call
 
-    times = interleaved({"plain": plain, **{option: traced(fields) for option, fields in OPTIONS.items()}}, repeats)
+    options = {**OPTIONS, **(JOINT_OPTIONS if "PixArt" not in name else {})}
+    times = interleaved({"plain": plain, **{option: traced(fields) for option, fields in options.items()}}, repeats)
     layers = daamlib.attention_layers(transformer)
     result = {"model": name, "size": size, "dtype": str(dtype), "traced layers": len(layers),
               "parameters (B)": round(sum(p.numel() for p in transformer.parameters()) / 1e9, 3),
               "plain seconds (median)": sorted(times["plain"])[len(times["plain"]) // 2]}
-    for option in OPTIONS:
+    for option in options:
         result[f"{option} / plain"] = round(median_ratio(times, option, "plain"), 3)
     del transformer
     return result

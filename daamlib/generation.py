@@ -26,20 +26,10 @@ _OWN_ARGUMENTS = {  # pipeline arguments generate sets itself -> what to pass in
 }
 
 
-def generate(
-    pipe,
-    prompt: str | list[str],
-    *,
-    seed: int,
-    num_inference_steps: int | None = None,
-    guidance_scale: float | None = None,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | list[str] | None = None,
-    num_images_per_prompt: int = 1,
-    pipe_kwargs: dict | None = None,
-    **trace_kwargs,
-) -> list[Record]:
+def generate(pipe, prompt: str | list[str], *, seed: int, num_inference_steps: int | None = None,
+             guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
+             negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1, pipe_kwargs: dict | None = None,
+             **trace_kwargs) -> list[Record]:
     """Generate with ``torch.Generator().manual_seed(seed)`` inside :func:`daamlib.trace`.
 
     Each record gets the seed, the prompt and the image (uint8 [height, width, 3]).

@@ -45,17 +45,9 @@ Offload = Literal["model", "sequential"]
 _FP16_VARIANT = "fp16"
 
 
-def load_pipeline(
-    name_or_dir: str | os.PathLike | None = None,
-    *,
-    task: Task = "txt2img",
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    offload: Offload | None = None,
-    download: bool = False,
-    progress_bar: bool = True,
-    **from_pretrained_kwargs,
-):
+def load_pipeline(name_or_dir: str | os.PathLike | None = None, *, task: Task = "txt2img", device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None, offload: Offload | None = None, download: bool = False,
+                  progress_bar: bool = True, **from_pretrained_kwargs):
     """Load a diffusers pipeline with ``from_pretrained``.
 
     Args:

@@ -80,19 +80,9 @@ class OptimizedTokens:
         return tokens
 
 
-def optimize_tokens(
-    records: Sequence[Record],
-    masks: Sequence[np.ndarray | torch.Tensor],
-    *,
-    init: str | torch.Tensor,
-    variant: Variant = "linear",
-    loss: Loss | None = None,
-    epochs: int = 500,
-    learning_rate: float = 3.0,
-    background_init: str | torch.Tensor | None = None,
-    pipe=None,
-    progress: bool = True,
-) -> OptimizedTokens:
+def optimize_tokens(records: Sequence[Record], masks: Sequence[np.ndarray | torch.Tensor], *, init: str | torch.Tensor,
+                    variant: Variant = "linear", loss: Loss | None = None, epochs: int = 500, learning_rate: float = 3.0,
+                    background_init: str | torch.Tensor | None = None, pipe=None, progress: bool = True) -> OptimizedTokens:
     """Optimize a token (linear) or an object + background token pair (softmax) on ``records``.
 
     Args:
@@ -145,16 +135,9 @@ def optimize_tokens(
         total.backward()
         optimizer.step()
         losses.append(total.detach())  # read once at the end: no host sync per epoch
-    return OptimizedTokens(
-        vectors=vectors.detach().cpu(),
-        variant=variant,
-        loss=loss,
-        names=names,
-        model_id=records[0].meta.model_id,
-        history=torch.stack(losses).cpu().tolist(),
-        init=init if isinstance(init, str) else None,
-        model_fingerprint=records[0].meta.model_fingerprint,
-    )
+    return OptimizedTokens(vectors=vectors.detach().cpu(), variant=variant, loss=loss, names=names,
+                           model_id=records[0].meta.model_id, history=torch.stack(losses).cpu().tolist(),
+                           init=init if isinstance(init, str) else None, model_fingerprint=records[0].meta.model_fingerprint)
 
 
 def _check_records(records: Sequence[Record], variant: Variant, pipe) -> None:

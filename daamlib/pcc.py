@@ -13,6 +13,11 @@
 
 The report's list of cluster counts did not survive in our copy of the seed; ``cluster_counts``
 defaults to (5, 10, 15) and is a parameter.
+
+SD3 and Flux (no up blocks, no SOT): the features are the image tokens' last-step attention outputs of the later
+half of the joint blocks (``trace(self_attention=True)``), and the maps are ConceptAttention's (``trace(concepts=)``):
+each class word's concept map, and for the background the pixelwise maximum of the other concepts' maps (e.g.
+"sky", "road", "building"), which then take SOT's place in step 3.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch.nn import functional as F
 
 from .labels import BACKGROUND, UNCERTAIN
 from .layout import resize, unflatten_positions
-from .methods import openvocab
+from .methods import concept_attention, openvocab
 from .metrics import iou, normalize
 from .record import Record
 from .text import TextEncoder
@@ -78,7 +83,16 @@ def cluster(features: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
 def class_maps(record: Record, words: dict[int, str], pipe) -> tuple[dict[int, np.ndarray], np.ndarray]:
     """Normalised open-vocabulary maps of each class word, and of SOT (the background), on the latent grid.
 
-    The words form one context phrase, so the maps share one softmax (SOT, the words, EOT)."""
+    The words form one context phrase, so the maps share one softmax (SOT, the words, EOT). Records with
+    ConceptAttention's concepts (SD3, Flux) use those maps instead, the concepts that are not class words standing
+    for the background."""
+    if record.meta.concepts:
+        others = [concept for concept in record.meta.concepts if concept not in words.values()]
+        if not others:
+            raise ValueError(f"the record's concepts {record.meta.concepts} are all class words; trace concepts for the "
+                             "background too (e.g. concepts=[..., 'sky', 'road', 'building']): they stand in for SOT")
+        per_class = {label: normalize(concept_attention(record, word)).numpy() for label, word in words.items()}
+        return per_class, normalize(torch.stack([concept_attention(record, c) for c in others]).amax(dim=0)).numpy()
     phrase = " ".join(words.values())
     maps = openvocab(record, phrase, pipe=pipe)  # the maps stored by re-run where the record has them
     tokens = TextEncoder(pipe).encode(phrase).tokens

@@ -105,3 +105,14 @@ def test_linear_daam_reads_the_stream_asked_for(sd3):
                    for layer in record.cross_layers).mean(0)
     assert torch.allclose(daamlib.linear(record, "hydrant", stream="t5"), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(daamlib.linear(record, "hydrant", stream="t5"), daamlib.linear(record, "hydrant"))
+
+
+def test_a_record_with_one_conditioning_space_refuses_a_stream():
+    from pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    (record,) = daamlib.generate(pipe, "a car on the road", seed=0, num_inference_steps=2, height=32, width=32, linear=True)
+    assert record.tokens.streams == (("clip", 0),)
+    assert torch.equal(daamlib.daam(record, "car", stream="clip"), daamlib.daam(record, "car"))
+    with pytest.raises(ValueError, match="chooses among the text streams of SD3 and Flux"):
+        daamlib.linear(record, "car", stream="clip")

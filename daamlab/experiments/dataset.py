@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
+from daamlab.experiments.new_words import dataset_trace_options
 from daamlab.io import save_png, write_parquet
 from daamlib.record import Record, load_record
 from daamlab.toyworld.captions import thesis_prompt
@@ -164,11 +165,13 @@ def build_dataset(
 
     ``class_words`` names the word attributed for each class (default: the thesis' four classes, which
     the toy world renders); ``prompt`` makes a class's prompt. ``trace_kwargs`` choose what each record
-    keeps (default: DAAM sums and the linear matrix, as the thesis' DAAM and Linear DAAM experiments need).
+    keeps (default: DAAM sums and the linear matrix, as the thesis' DAAM and Linear DAAM experiments need, and on
+    SD3 and Flux ConceptAttention's maps of the class words and the urban background concepts).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    trace_kwargs = {"daam": True, "linear": True, **trace_kwargs}
+    trace_kwargs = {"daam": True, "linear": True, **dataset_trace_options(pipe, [class_words.get(c, c) for c in classes]),
+                    **trace_kwargs}
     unknown = [name for name in classes if name not in class_words]
     if unknown:
         raise ValueError(f"no attribution word for classes {unknown}; pass class_words={{class: word}} "

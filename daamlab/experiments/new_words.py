@@ -1,10 +1,13 @@
-"""Maps of words the prompt does not hold, by what the model family defines (notebook 00).
+"""Maps of words the prompt does not hold, and the methods scored beside DAAM, by what the model family defines
+(notebooks 00, 01-02, 06, 10).
 
 Where every cross-attention layer reads one conditioning space (SD 1.x/2.x/XL, PixArt) a new word gets an
 open-vocabulary map (softmax over its keys, from the query cache) and a Linear DAAM map (the collapsed matrix).
 In the joint attention of SD3 and Flux each block reads its own text stream, so a word outside the prompt has no
 key there; ConceptAttention carries it through the blocks as a concept stream instead, and its two variants
-(attention outputs, and queries against concept keys) stand in for the two maps.
+(attention outputs, and queries against concept keys) stand in for the two maps. Its concepts for urban scenes
+are the class words with the background things (``URBAN_CONCEPTS``), as the paper pairs each object with the
+background concepts around it.
 """
 
 from __future__ import annotations
@@ -12,9 +15,12 @@ from __future__ import annotations
 import torch
 
 import daamlib
+from daamlib.methods import DAAM, ConceptAttention, HeatmapMethod, LinearDAAM, OpenVocabulary
 from daamlib.modules import denoiser, family
+from daamlab.toyworld.labels import BACKGROUND_WORDS
 
 JOINT_ATTENTION_FAMILIES = ("sd3", "flux")
+URBAN_CONCEPTS = tuple(BACKGROUND_WORDS.values())  # tree, road, sidewalk, building, sky
 
 
 def has_joint_attention(pipe) -> bool:
@@ -37,3 +43,29 @@ def new_word_maps(record, words: list[str], pipe) -> dict[str, dict[str, torch.T
                                                               for w in words}}
     return {"open-vocabulary": {w: daamlib.openvocab(record, w, w, pipe=pipe) for w in words},
             "linear": {w: daamlib.linear(record, w, pipe=pipe) for w in words}}
+
+
+def concept_words(class_words) -> list[str]:
+    """ConceptAttention's concepts for these class words: the words, then the urban background concepts."""
+    return list(dict.fromkeys([*class_words, *URBAN_CONCEPTS]))
+
+
+def dataset_trace_options(pipe, class_words) -> dict:
+    """What a dataset's records keep besides DAAM and Linear DAAM: ConceptAttention's concepts on SD3 and Flux."""
+    return {"concepts": concept_words(class_words)} if has_joint_attention(pipe) else {}
+
+
+def scored_methods(pipe, openvocab_context: str) -> dict[str, HeatmapMethod]:
+    """The methods scored on the class word beside DAAM: Linear DAAM and open-vocabulary maps, or ConceptAttention
+    where joint attention has no open-vocabulary keys (records traced with :func:`new_word_trace_options`)."""
+    third = ("ConceptAttention", ConceptAttention()) if has_joint_attention(pipe) else (
+        "open-vocabulary", OpenVocabulary(pipe, openvocab_context))
+    return {"DAAM": DAAM(), "Linear DAAM": LinearDAAM(pipe), third[0]: third[1]}
+
+
+def pcc_trace_options(pipe, class_words) -> dict:
+    """What PCC's records keep (notebook 08): the self-attention features, and the class words as contexts for their
+    open-vocabulary maps; on SD3 and Flux ConceptAttention's concepts instead, which ``build_dataset`` adds."""
+    if has_joint_attention(pipe):
+        return {"self_attention": True}
+    return {"self_attention": True, "contexts": list(class_words)}

@@ -23,7 +23,8 @@ class TraceOptions:
         maps of any phrase later. ``query_device=None`` keeps the cache where the UNet computes (no
         copies, no waiting); ``"cpu"`` streams it into pinned host memory with non-blocking copies.
     linear: the collapsed linear-DAAM matrix (memory independent of the step count).
-    self_attention: last-step per-head self-attention outputs of the up blocks (PCC).
+    self_attention: last-step per-head self-attention outputs of the up blocks (PCC); on SD3 and Flux, of the image
+        tokens in the later half of the traced joint blocks (their softmax runs over image and text keys together).
     contexts: phrases attached as non-influencing keys (the re-run open-vocabulary path), or named
         conditioning vectors {name: [m, d_text]} such as optimized tokens; ``context_padding`` also
         attaches their padding tokens.

@@ -47,6 +47,8 @@ class Trace:
         self.layers = layers
         self.contexts = contexts
         self.concepts = concepts  # ConceptAttention's concept stream (SD3, Flux), or None
+        joint = [layer.name for layer in layers if layer.kind == "joint"]  # PCC on SD3/Flux: the later half of the blocks
+        self._joint_self = set(joint[len(joint) // 2:]) if options.self_attention else set()
         self.fingerprint = fingerprint
         self._records: list[Record] = []
         self._finished: list[GenerationState] = []  # generations whose records are not built yet
@@ -178,6 +180,8 @@ class Trace:
                                                                                 (queries, image_keys, text_keys))
         if concept_maps is not None:
             state.add_concept_maps(layer, *concept_maps)
+        if layer.name in self._joint_self and state.at_last_step:
+            state.set_self_attention(layer, _joint_outputs(attn, hidden, text, queries, torch.cat([image_keys, text_keys], 2), scale))
 
     def observe_self_attention(self, layer, attn, hidden_states, attention_mask) -> None:
         state = self._require_state(layer)
@@ -241,6 +245,20 @@ class BatchedReader:
         image_keys = _normed(attn, "norm_k", split_heads(attn.to_k(hidden_states), attn.heads))  # [N, heads, hw, d]
         text_keys = _normed(attn, "norm_added_k", split_heads(attn.add_k_proj(encoder_hidden_states), attn.heads))
         return queries, image_keys, text_keys, attn.scale  # text keys [N, heads, n, d]
+
+
+def _joint_outputs(attn, hidden: torch.Tensor, text: torch.Tensor | None, queries: torch.Tensor, keys: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """The image tokens' attention outputs [N, heads, hw, d] as the block computes them before its output projection:
+    softmax over ``keys`` [image, text] (normed and rotated as the block does) of the values [v_image, v_text]; values
+    are projected only (SD3 and Flux's double-stream blocks: ``add_v_proj`` for text; single-stream: [text, image] joined)."""
+    if text is None:  # Flux's single-stream block: its n text positions come first
+        n = keys.shape[2] - queries.shape[2]
+        text_values, hidden = attn.to_v(hidden[:, :n]), hidden[:, n:]
+    else:
+        text_values = attn.add_v_proj(text)
+    values = torch.cat([split_heads(attn.to_v(hidden), attn.heads), split_heads(text_values, attn.heads)], dim=2)
+    return torch.nn.functional.scaled_dot_product_attention(queries, keys, values, scale=scale)
 
 
 def _check_token_sequence(layer: AttentionLayer, hidden_states: torch.Tensor) -> None:
@@ -318,8 +336,9 @@ def trace(pipe, options: TraceOptions | None = None, *, unet_calls: int | None =
     if options.query_layers is not None:
         select_layers(cross_layers, options.query_layers)  # validates the names
     self_layers = [l for l in attention_layers(unet, "self") if l.block == "up_blocks"] if options.self_attention else []
-    if options.self_attention and not self_layers:
-        raise ValueError(f"self_attention=True records the up blocks' self-attention of a UNet; {type(unet).__name__} has none")
+    if options.self_attention and not self_layers and not any(layer.kind == "joint" for layer in cross_layers):
+        raise ValueError(f"self_attention=True records the up blocks' self-attention of a UNet, or the image tokens' "
+                         f"attention outputs of SD3's and Flux's later joint blocks; {type(unet).__name__} has neither")
     traced = cross_layers + self_layers
     context_keys = _encode_contexts(pipe, options.contexts, options.context_padding) if options.contexts else {}
     concepts = concept_stream(pipe, options)  # refuses what has no MM-DiT text stream

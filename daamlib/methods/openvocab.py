@@ -21,18 +21,9 @@ from ..tokens import PromptTokens
 from .common import chosen_layers, select_steps, sum_upsampled
 
 
-def openvocab(
-    record: Record,
-    context: str,
-    word: str | None = None,
-    *,
-    pipe=None,
-    occurrence: int = 0,
-    layers: Sequence[str] | None = None,
-    steps: Sequence[int] | None = None,
-    include_padding: bool = False,
-    upsample: str = "bilinear",
-) -> torch.Tensor:
+def openvocab(record: Record, context: str, word: str | None = None, *, pipe=None, occurrence: int = 0,
+              layers: Sequence[str] | None = None, steps: Sequence[int] | None = None, include_padding: bool = False,
+              upsample: str = "bilinear") -> torch.Tensor:
     """Heatmap of ``word`` inside ``context`` ([H, W]), or of every key token of ``context`` ([m, H, W]).
 
     Computed where the query cache lives (the pipeline's GPU when traced there); returned on the CPU."""
@@ -66,15 +57,8 @@ def openvocab(
     return maps[indices].mean(dim=0)
 
 
-def openvocab_maps(
-    record: Record,
-    key_embeddings: torch.Tensor,
-    pipe,
-    *,
-    layers: Sequence[str] | None = None,
-    steps: Sequence[int] | None = None,
-    upsample: str = "bilinear",
-) -> torch.Tensor:
+def openvocab_maps(record: Record, key_embeddings: torch.Tensor, pipe, *, layers: Sequence[str] | None = None,
+                   steps: Sequence[int] | None = None, upsample: str = "bilinear") -> torch.Tensor:
     """Softmax maps over the keys made from ``key_embeddings`` [m, d_text] -> [m, H, W].
 
     Uses every cached (layer, step) query and computes on the device the queries live on (move a
