@@ -4,7 +4,7 @@
 
 The word-embedding cosines (:mod:`daamlab.toyworld.diagnostics`), then DAAM max mIoU and prompt
 fidelity on a few seeds per class, and the share of the linear (open-vocabulary) map's mass on the
-right label for background words. ``--named-background`` measures the same shares for prompts that
+right label for background words, and where the attention to text goes (SOT, words, EOT, padding). ``--named-background`` measures the same shares for prompts that
 name every background thing (``NAMED_BACKGROUND_PROMPT``), with DAAM and Linear DAAM of the words in the prompt:
 whether the model localizes those words at all, or only the open-vocabulary maps fail.
 """
@@ -22,7 +22,7 @@ from daamlab.experiments import build_dataset, class_curves, prompt_fidelity
 from daamlab.experiments.dataset import annotate_toy_dataset
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.annotator import Annotator
-from daamlab.toyworld.diagnostics import format_cosines, pipeline_cosines
+from daamlab.toyworld.diagnostics import format_cosines, pipeline_cosines, token_group_shares
 from daamlab.toyworld_report import label_mass_shares, model_fingerprint, openvocab_shares
 from daamlib.methods import DAAM, LinearDAAM
 from daamlib.models import load_pipeline, toy_model_dir
@@ -38,7 +38,9 @@ def quick_check(pipe, annotator, dataset_dir: Path, seeds: int = 8) -> dict[str,
     dataset = build_dataset(pipe, dataset_dir, L.MAIN_CLASSES, range(seeds), linear=True, progress=True)
     shares = annotate_toy_dataset(dataset, annotator)
     daam_table = class_curves(dataset, DAAM()).summary()
-    return {"daam": daam_table, "fidelity": prompt_fidelity(shares), "openvocab": openvocab_shares(dataset, pipe)}
+    groups = pd.DataFrame([token_group_shares(dataset.record(row)) for _, row in dataset.manifest.iterrows()]).mean()
+    return {"daam": daam_table, "fidelity": prompt_fidelity(shares), "openvocab": openvocab_shares(dataset, pipe),
+            "token groups": groups}
 
 
 def named_background_shares(pipe, annotator, dataset_dir: Path, seeds: int = 8) -> pd.DataFrame:
@@ -74,7 +76,8 @@ def main(argv=None) -> None:
                                            else toy_model_dir() / "annotator")
         annotator = Annotator.from_pretrained(annotator_dir, resize=args.resize_annotator)
         result = quick_check(pipe, annotator, dataset_dir, args.seeds)
-        print(result["daam"].to_string(), result["fidelity"].to_string(), result["openvocab"].to_string(), sep="\n\n")
+        print(result["daam"].to_string(), result["fidelity"].to_string(), result["openvocab"].to_string(),
+              "share of the attention to text by token group:\n" + result["token groups"].round(3).to_string(), sep="\n\n")
         if args.named_background:
             named = named_background_shares(pipe, annotator, dataset_dir.with_name(dataset_dir.name + "-named"), args.seeds)
             print(f"\nin the prompt ({NAMED_BACKGROUND_PROMPT!r}):\n{named.round(3).to_string()}")

@@ -83,3 +83,31 @@ def test_label_mass_shares_are_the_maps_mass_on_each_words_label_beside_its_area
 def test_run_minutes_add_every_attempt(tmp_path):
     (tmp_path / "attempts.json").write_text('{"00_quickstart": [{"seconds": 60}, {"seconds": 30}], "01_dataset": [{"seconds": 90}]}')
     assert run_minutes(tmp_path) == 3.0
+
+
+def test_token_group_shares_equal_the_attention_mass_summed_by_hand():
+    """SOT / words / EOT / padding shares of the attention to text, against the softmax probabilities recorded
+    plainly (tests/naive.py) and summed over steps, layers, heads and pixels."""
+    import daamlib
+    from daamlab.toyworld.diagnostics import token_group_shares
+    from naive import record_everything
+    from pipelines import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=1)
+    prompt = "a car on the road"
+
+    def run():
+        return pipe(prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=2, height=32, width=32,
+                    guidance_scale=1.0, output_type="np")
+
+    calls, _ = record_everything(pipe, run)
+    with daamlib.trace(pipe) as tr:
+        run()
+    (record,) = tr.records
+    mass = sum(call["probs"][0].sum(dim=(0, 1)) for call in calls)  # [77]: heads and pixels summed, every call
+    ids = pipe.tokenizer(prompt).input_ids  # SOT, the words' pieces, EOT
+    expected = {"SOT": mass[0], "words": mass[1 : len(ids) - 1].sum(), "EOT": mass[len(ids) - 1], "padding": mass[len(ids):].sum()}
+    shares = token_group_shares(record)
+    assert abs(sum(shares.values()) - 1) < 1e-6
+    for group, value in expected.items():
+        assert abs(shares[group] - float(value / mass.sum())) < 1e-5, group

@@ -5,6 +5,10 @@
   ``to_k``, summarised as the mean off-diagonal cosine. Near 1 means every word gets the same
   key, so the softmax over tokens is flat and no word can win a region.
 
+* :func:`token_group_shares`: where the image's attention to text goes, summed over pixels, steps, layers and
+  heads: SOT, the prompt's words, EOT and the padding after it. In a causal text encoder EOT and the padding have
+  read the whole caption, so a UNet that puts its mass there gets the caption without any word's position.
+
 The quick check of a model (DAAM, fidelity, open-vocabulary mass) is ``python -m daamlab.toyworld_quickcheck``.
 """
 
@@ -92,3 +96,12 @@ def pipeline_cosines(pipe) -> dict[str, object]:
 def format_cosines(result: dict[str, object]) -> str:
     parts = [f"{name} {value:.3f}" for name, value in result.items() if name != "matrix"]
     return "mean off-diagonal cosine: " + ", ".join(parts)
+
+
+def token_group_shares(record) -> dict[str, float]:
+    """Shares of a record's attention mass to text on SOT, the words, EOT and padding (they sum to 1)."""
+    mass = sum(record.daam[layer.name].float().sum(dim=0) for layer in record.cross_layers)  # [n tokens]
+    tokens = record.tokens
+    groups = {"SOT": [tokens.sot_index], "words": [i for word in tokens.words for i in word.token_indices],
+              "EOT": [tokens.eot_index], "padding": list(tokens.padding_indices)}
+    return {name: float(mass[indices].sum() / mass.sum()) for name, indices in groups.items()}
