@@ -104,7 +104,7 @@ def test_concept_attention_is_scored_beside_daam_on_the_class_words(run):
     """01 traced ConceptAttention's concepts (the class words, then the urban background); 02 scored the class word's
     concept map with DAAM's protocol, and those numbers are the curves it saved."""
     from daamlab.experiments import Curves, ThesisDataset
-    from daamlab.experiments.new_words import URBAN_CONCEPTS
+    from daamlab.experiments.families import URBAN_CONCEPTS
 
     _, run_dir, _ = run
     dataset = ThesisDataset.open(run_dir / "dataset")

@@ -29,7 +29,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from daamlib.generation import generate
-from daamlab.experiments.new_words import dataset_trace_options
+from daamlab.experiments.families import dataset_trace_options
 from daamlab.io import save_png, write_parquet
 from daamlib.record import Record, load_record
 from daamlab.toyworld.captions import thesis_prompt

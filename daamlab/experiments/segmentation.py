@@ -36,7 +36,7 @@ def pcc_labels(dataset, pipe, config: PCCConfig = PCCConfig(), progress: bool = 
     """PCC labels uint8 [N, H, W]: 1 + the class index in ``dataset.classes``, 0 background, 255 uncertain.
 
     Records need ``trace(self_attention=True)`` and the class word as a context (or a query cache); on SD3 and Flux,
-    ConceptAttention's concepts (see ``new_words.pcc_trace_options``)."""
+    ConceptAttention's concepts (see ``families.pcc_trace_options``)."""
     labels = []
     for _, row in tqdm(list(dataset.manifest.iterrows()), desc="PCC", disable=not progress):
         _, image_labels = pcc_segment(dataset.record(row), {class_label(dataset, row): row["word"]}, pipe, config)

@@ -1,5 +1,5 @@
-"""Maps of words the prompt does not hold, and the methods scored beside DAAM, by what the model family defines
-(notebooks 00, 01-02, 06, 10).
+"""What each model family defines: maps of words the prompt does not hold, the methods scored beside DAAM, and
+what the records keep for them (notebooks 00, 01-02, 06, 08, 10).
 
 Where every cross-attention layer reads one conditioning space (SD 1.x/2.x/XL, PixArt) a new word gets an
 open-vocabulary map (softmax over its keys, from the query cache) and a Linear DAAM map (the collapsed matrix).
@@ -58,9 +58,12 @@ def dataset_trace_options(pipe, class_words) -> dict:
 def scored_methods(pipe, openvocab_context: str) -> dict[str, HeatmapMethod]:
     """The methods scored on the class word beside DAAM: Linear DAAM and open-vocabulary maps, or ConceptAttention
     where joint attention has no open-vocabulary keys (records traced with :func:`new_word_trace_options`)."""
-    third = ("ConceptAttention", ConceptAttention()) if has_joint_attention(pipe) else (
-        "open-vocabulary", OpenVocabulary(pipe, openvocab_context))
-    return {"DAAM": DAAM(), "Linear DAAM": LinearDAAM(pipe), third[0]: third[1]}
+    methods: dict[str, HeatmapMethod] = {"DAAM": DAAM(), "Linear DAAM": LinearDAAM(pipe)}
+    if has_joint_attention(pipe):
+        methods["ConceptAttention"] = ConceptAttention()
+    else:
+        methods["open-vocabulary"] = OpenVocabulary(pipe, openvocab_context)
+    return methods
 
 
 def pcc_trace_options(pipe, class_words) -> dict:
