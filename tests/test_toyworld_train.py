@@ -152,3 +152,24 @@ def test_a_work_dir_refuses_scenes_rendered_without_attributes(tmp_path):
     scenes = SceneSet.load(tiny_config(tmp_path / "coloured").scenes_path)
     assert any(re.search(r"\b(red|blue|yellow|white|black|green|grey) (car|person|rider|traffic light)\b", text)
                for texts in scenes.captions for text in texts), scenes.captions
+
+
+def test_a_text_encoder_without_layers_gives_padding_that_carries_nothing_of_the_caption(tmp_path):
+    """--text-layers 0: each output is its token's embedding (plus position), so EOT and the padding are the same for
+    every caption and only the words' tokens differ; the exported pipeline loads and generates."""
+    import dataclasses
+
+    config = tiny_config(tmp_path, architecture=dataclasses.replace(TINY, text_layers=0), seed=2)
+    T.train(config, stages=("data", "vae", "unet"))
+    pipe = load_pipeline(config.output_dir, device="cpu", progress_bar=False)
+    assert pipe.text_encoder.config.num_hidden_layers == 0
+    ids = pipe.tokenizer(["a red car", "a blue tree"], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        outputs = pipe.text_encoder(ids).last_hidden_state  # [2, 77, d]
+    assert torch.equal(outputs[0, 4:], outputs[1, 4:])  # EOT (position 4) and the padding after it
+    assert not torch.allclose(outputs[0, 2], outputs[1, 2])  # "red" and "blue"
+    image = pipe("a car", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(image).all()
+    with pytest.raises(SystemExit):
+        T.main(["--text-layers", "-1", "--stages", "data", "--work-dir", str(tmp_path / "w")])

@@ -608,6 +608,9 @@ def main(argv=None) -> None:
                  "checkpoint_every", "export_every", "textenc_steps", "textenc_batch_size"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     parser.add_argument("--image-size", type=int, default=defaults.architecture.image_size)
+    parser.add_argument("--text-layers", type=int, default=defaults.architecture.text_layers,
+                        help="transformer layers of the text encoder (0: each token's embedding alone, so EOT and the "
+                             "padding carry nothing of the caption and only the words' tokens can condition the UNet)")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--frozen-text-encoder", action="store_true", help="train the UNet alone on the textenc encoder")
     parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
@@ -620,11 +623,13 @@ def main(argv=None) -> None:
     parser.add_argument("--reuse-from", type=Path, default=None, help="copy the VAE and annotator (and, with --frozen-text-encoder, the text encoder) of this pipeline")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    if args.text_layers < 0:
+        parser.error(f"--text-layers is a count of transformer layers (0 or more), not {args.text_layers}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
         output_dir=args.output_dir, work_dir=args.work_dir, checkpoint_dir=args.checkpoint_dir,
-        architecture=ToyArchitecture(image_size=args.image_size),
+        architecture=ToyArchitecture(image_size=args.image_size, text_layers=args.text_layers),
         seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
         annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size,
