@@ -144,8 +144,6 @@ def test_flux_refuses_what_it_cannot_read(flux):
             daamlib.trace(flux, **option).__enter__()
     with pytest.raises(ValueError, match="leave cfg unset"):
         daamlib.trace(flux, cfg=True).__enter__()
-    with pytest.raises(ValueError, match="up blocks' self-attention of a UNet"):
-        daamlib.trace(flux, self_attention=True).__enter__()
     for call in ({}, {"negative_prompt": NEGATIVE}):  # no true CFG: the pipeline makes no negative-prompt call
         with pytest.raises(ValueError, match="true_cfg_scale > 1"):
             with daamlib.trace(flux, branch="uncond"):
