@@ -173,3 +173,38 @@ def test_a_text_encoder_without_layers_gives_padding_that_carries_nothing_of_the
     assert np.isfinite(image).all()
     with pytest.raises(SystemExit):
         T.main(["--text-layers", "-1", "--stages", "data", "--work-dir", str(tmp_path / "w")])
+
+
+def test_a_shortened_text_encoder_gives_the_long_one_s_outputs_and_long_captions_are_refused(tmp_path):
+    """--text-length: a reused causal encoder keeps its first positions, whose outputs stay what they were; a run
+    exports a tokenizer and encoder of that length; a caption longer than it is refused, never cut."""
+    import dataclasses
+
+    from daamlab.toyworld.architecture import build_text_encoder, build_tokenizer
+
+    torch.manual_seed(0)
+    long_tokenizer = build_tokenizer(TINY)
+    encoder = build_text_encoder(TINY, long_tokenizer).eval()
+    short_arch = dataclasses.replace(TINY, text_length=16)
+    short_tokenizer = build_tokenizer(short_arch)
+    shortened = T.shorten_positions(encoder, short_tokenizer.model_max_length).eval()
+    prompt = "a car on the left and a tree on the right"
+    long_ids = long_tokenizer(prompt, padding="max_length", max_length=long_tokenizer.model_max_length, return_tensors="pt").input_ids
+    short_ids = short_tokenizer(prompt, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert torch.equal(long_ids[:, :16], short_ids)
+    with torch.no_grad():
+        expected = encoder(long_ids).last_hidden_state[:, :16]  # [1, 16, d]
+        actual = shortened(short_ids).last_hidden_state
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="more than the text encoder's 5 positions"):
+        T._token_ids(build_tokenizer(dataclasses.replace(TINY, text_length=5)), [prompt], {})
+    with pytest.raises(ValueError, match="pre-train an encoder of that length"):
+        T.shorten_positions(shortened, long_tokenizer.model_max_length)
+
+    config = tiny_config(tmp_path, architecture=short_arch, seed=3)
+    T.train(config, stages=("data", "vae", "unet"))
+    pipe = load_pipeline(config.output_dir, device="cpu", progress_bar=False)
+    assert pipe.tokenizer.model_max_length == 16 and pipe.text_encoder.config.max_position_embeddings == 16
+    image = pipe("a car", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(image).all()

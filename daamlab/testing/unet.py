@@ -42,9 +42,10 @@ def open_clip_vocabulary_file() -> Path:
     return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def build_clip_tokenizer(bpe_file: str | Path | None = None) -> CLIPTokenizer:
-    """Stable Diffusion's CLIP tokenizer (49408 tokens, SOT 49406, EOT 49407, 77 positions, padded with
-    EOT as in SD 1.x), built offline from the BPE merges file that ships inside ``open_clip_torch``."""
+def build_clip_tokenizer(bpe_file: str | Path | None = None, model_max_length: int = CLIP_CONTEXT_LENGTH) -> CLIPTokenizer:
+    """Stable Diffusion's CLIP tokenizer (49408 tokens, SOT 49406, EOT 49407, 77 positions unless
+    ``model_max_length`` says otherwise, padded with EOT as in SD 1.x), built offline from the BPE merges
+    file that ships inside ``open_clip_torch``."""
     path = Path(bpe_file) if bpe_file is not None else open_clip_vocabulary_file()
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
@@ -52,7 +53,7 @@ def build_clip_tokenizer(bpe_file: str | Path | None = None) -> CLIPTokenizer:
     tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT_LENGTH, pad_token="<|endoftext|>")
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
 @lru_cache(maxsize=1)

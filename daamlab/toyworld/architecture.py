@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from daamlab.testing.unet import build_clip_tokenizer
+
 # SD's training noise schedule; PNDM at inference shares it.
 NOISE_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -26,6 +28,7 @@ class ToyArchitecture:
     attention_head_dim: int = 8
     text_hidden_size: int = 64
     text_layers: int = 2
+    text_length: int | None = None  # token positions of the tokenizer and encoder; None: the CLIP tokenizer's own
     text_heads: int = 4
     norm_groups: int = 16
 
@@ -41,6 +44,13 @@ def build_vae(arch: ToyArchitecture) -> AutoencoderKL:
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         layers_per_block=1, norm_num_groups=arch.norm_groups, sample_size=arch.image_size,
     )
+
+
+def build_tokenizer(arch: ToyArchitecture) -> CLIPTokenizer:
+    """SD's CLIP tokenizer, with ``arch.text_length`` positions where the architecture sets them."""
+    if arch.text_length is None:
+        return build_clip_tokenizer()
+    return build_clip_tokenizer(model_max_length=arch.text_length)
 
 
 def build_text_encoder(arch: ToyArchitecture, tokenizer: CLIPTokenizer) -> CLIPTextModel:

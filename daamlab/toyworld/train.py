@@ -42,6 +42,7 @@ from daamlab.toyworld.annotator import LABEL_IDS, Annotator, SegmentationNet, da
 from daamlab.toyworld.architecture import (
     ToyArchitecture,
     build_text_encoder,
+    build_tokenizer,
     build_unet,
     build_vae,
     inference_scheduler,
@@ -49,7 +50,6 @@ from daamlab.toyworld.architecture import (
 )
 from daamlab.toyworld import labels as L
 from daamlab.toyworld.dataset import HELD_OUT_FIRST_SEED, SceneSet, render_scene_set
-from daamlab.testing.unet import build_clip_tokenizer
 
 STAGES = ("data", "vae", "annotator", "textenc", "unet")
 # Seeds of a stage's steps: fixed per stage, so that adding a stage changes no other stage's randomness.
@@ -416,7 +416,7 @@ def train_textenc(config: TrainConfig) -> dict:
     torch.manual_seed(config.seed)
     arch = config.architecture
     scenes = SceneSet.load(config.scenes_path)
-    tokenizer = build_clip_tokenizer()
+    tokenizer = build_tokenizer(arch)
     text_encoder = build_text_encoder(arch, tokenizer).to(config.device).train()
     image_encoder = ImageEncoder(arch.text_hidden_size).to(config.device).train()
     head = ContrastiveHead().to(config.device)
@@ -463,17 +463,44 @@ def _ema_with_warmup(decay: float):
 
 
 def _token_ids(tokenizer, captions: list[str], cache: dict[str, list[int]]) -> torch.Tensor:
+    """Token ids [B, T] padded to the tokenizer's T positions; a caption longer than that is refused, not cut."""
+    length = tokenizer.model_max_length
     for text in captions:
         if text not in cache:
-            cache[text] = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+            ids = tokenizer(text, padding="max_length", max_length=length).input_ids
+            if len(ids) > length:
+                raise ValueError(f"the caption {text!r} has {len(ids)} tokens, more than the text encoder's {length} "
+                                 "positions; train with a larger --text-length (or none: the CLIP tokenizer's own)")
+            cache[text] = ids
     return torch.tensor([cache[text] for text in captions])
+
+
+def shorten_positions(text_encoder: CLIPTextModel, length: int) -> CLIPTextModel:
+    """The encoder with its first ``length`` position embeddings alone. It is causal with absolute positions,
+    so its outputs at those positions are the longer encoder's, for the same ids."""
+    positions = text_encoder.config.max_position_embeddings
+    if length == positions:
+        return text_encoder
+    if length > positions:
+        raise ValueError(f"the text encoder has {positions} positions, fewer than the tokenizer's {length}; "
+                         "pre-train an encoder of that length (--stages textenc) instead of reusing this one")
+    config = text_encoder.config.to_dict() | {"max_position_embeddings": length}
+    shortened = CLIPTextModel(type(text_encoder.config).from_dict(config))
+    state = text_encoder.state_dict()
+    for name, value in state.items():
+        if name.endswith("position_embedding.weight"):  # [positions, d_text]
+            state[name] = value[:length]
+        elif name.endswith("position_ids"):  # [1, positions]
+            state[name] = value[:, :length]
+    shortened.load_state_dict(state)
+    return shortened
 
 
 def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
     torch.manual_seed(config.seed)
     arch = config.architecture
     scenes = SceneSet.load(config.scenes_path)
-    tokenizer = build_clip_tokenizer()
+    tokenizer = build_tokenizer(arch)
     latents_path = config.work_dir / "latents.safetensors"
     if not latents_path.exists():  # posteriors of every scene and of its mirror image
         vae = vae.to(config.device).eval()
@@ -488,7 +515,8 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(Path(config.unet_init) / "unet").float().state_dict())
     unet = unet.to(config.device).train()
     if config.frozen_text_encoder:
-        text_encoder = CLIPTextModel.from_pretrained(config.text_encoder_dir).float().to(config.device).eval()
+        text_encoder = CLIPTextModel.from_pretrained(config.text_encoder_dir).float()
+        text_encoder = shorten_positions(text_encoder, tokenizer.model_max_length).to(config.device).eval()
         text_encoder.requires_grad_(False)
     else:
         text_encoder = build_text_encoder(arch, tokenizer).to(config.device).train()
@@ -521,7 +549,7 @@ def train_unet(config: TrainConfig, vae: AutoencoderKL) -> None:
         timesteps = torch.randint(noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with torch.set_grad_enabled(not config.frozen_text_encoder):
-            context = text_encoder(ids).last_hidden_state  # [B, 77, d_text]
+            context = text_encoder(ids).last_hidden_state  # [B, T, d_text]
         prediction = unet(noisy.to(config.device), timesteps.to(config.device), context).sample
         weights = (torch.clamp(snr[timesteps], max=config.min_snr_gamma) / snr[timesteps]).to(config.device)
         per_sample = F.mse_loss(prediction, noise.to(config.device), reduction="none").mean(dim=(1, 2, 3))
@@ -611,6 +639,9 @@ def main(argv=None) -> None:
     parser.add_argument("--text-layers", type=int, default=defaults.architecture.text_layers,
                         help="transformer layers of the text encoder (0: each token's embedding alone, so EOT and the "
                              "padding carry nothing of the caption and only the words' tokens can condition the UNet)")
+    parser.add_argument("--text-length", type=int, default=None,
+                        help="token positions of the tokenizer and text encoder (default: the CLIP tokenizer's own); "
+                             "fewer positions leave fewer padding tokens after EOT")
     parser.add_argument("--device", default=defaults.device)
     parser.add_argument("--frozen-text-encoder", action="store_true", help="train the UNet alone on the textenc encoder")
     parser.add_argument("--unet-init", type=Path, default=None, help="start the UNet from this pipeline's UNet")
@@ -625,11 +656,14 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.text_layers < 0:
         parser.error(f"--text-layers is a count of transformer layers (0 or more), not {args.text_layers}")
+    if args.text_length is not None and args.text_length < 3:
+        parser.error(f"--text-length counts token positions (SOT, at least one word, EOT: 3 or more), not {args.text_length}")
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
         output_dir=args.output_dir, work_dir=args.work_dir, checkpoint_dir=args.checkpoint_dir,
-        architecture=ToyArchitecture(image_size=args.image_size, text_layers=args.text_layers),
+        architecture=ToyArchitecture(image_size=args.image_size, text_layers=args.text_layers,
+                                      text_length=args.text_length),
         seed=args.seed, num_scenes=args.num_scenes, num_held_out=args.num_held_out, vae_steps=args.vae_steps,
         annotator_steps=args.annotator_steps, unet_steps=args.unet_steps, batch_size=args.batch_size,
         vae_batch_size=args.vae_batch_size,
