@@ -208,3 +208,17 @@ def test_a_shortened_text_encoder_gives_the_long_one_s_outputs_and_long_captions
     assert pipe.tokenizer.model_max_length == 16 and pipe.text_encoder.config.max_position_embeddings == 16
     image = pipe("a car", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert np.isfinite(image).all()
+
+
+def test_a_checkpoint_written_before_an_architecture_field_existed_still_resumes(tmp_path):
+    """A recipe stored without ``text_length`` (checkpoints of earlier runs) means the field's default: it matches
+    a run with the default and not one that sets it."""
+    import dataclasses
+
+    config = tiny_config(tmp_path)
+    old = T._recipe(config)
+    del old["architecture"]["text_length"]
+    assert T._stored_recipe({"recipe": old}) == T._recipe(config)
+    shortened = tiny_config(tmp_path, architecture=dataclasses.replace(TINY, text_length=16))
+    assert T._stored_recipe({"recipe": old}) != T._recipe(shortened)
+    assert T._stored_recipe({}) is None

@@ -117,6 +117,16 @@ def _recipe(config: "TrainConfig") -> dict:
     return json.loads(json.dumps({name: settings[name] for name in RESUME_RECIPE}, default=str))
 
 
+def _stored_recipe(checkpoint: dict) -> dict | None:
+    """A checkpoint's recipe (None: written before recipes were kept); architecture fields added since it was
+    written take their defaults, which are the architecture it was trained with."""
+    stored = checkpoint.get("recipe")
+    if stored is None or "architecture" not in stored:
+        return stored
+    defaults = json.loads(json.dumps(asdict(ToyArchitecture())))
+    return stored | {"architecture": defaults | stored["architecture"]}
+
+
 def _save_checkpoint(state: dict, path: Path) -> None:
     """Nested training state as safetensors (its tensors) + JSON (everything else), in one atomic file."""
     tensors: dict[str, torch.Tensor] = {}
@@ -190,7 +200,7 @@ class _Stage:
         self.step = 0
         self.seconds = 0.0
         checkpoint = _load_checkpoint(self.path)
-        stored = None if checkpoint is None else checkpoint.get("recipe")  # None: written before recipes were kept
+        stored = None if checkpoint is None else _stored_recipe(checkpoint)
         recipe = _recipe(config)
         if stored is not None and stored != recipe:
             changed = sorted(name for name in RESUME_RECIPE if stored.get(name) != recipe[name])
